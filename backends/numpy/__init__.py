@@ -1,0 +1,1 @@
+from .backend import NumpyBackend as Backend

@@ -1,0 +1,72 @@
+"""`Backend`: what every backend provides.  The spec calls these hooks; the defaults here are
+the standard-ops definitions, which a backend overrides with its fast paths."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DTYPES
+from .experts import decode_reference, encode_reference
+from .topk import topk_reference
+
+
+class Backend:
+    """Base adapter.  Subclasses set `name`, `xp` (an Array API namespace) and implement the
+    array conversions, `scatter_add` and `loss_and_grads`; they may override any hook."""
+
+    name = "abstract"
+    xp = None
+    extra = ""  # pip extra that installs this backend
+    dtypes = DTYPES
+
+    # -- arrays ---------------------------------------------------------------------------
+    def dtype(self, name: str):
+        """The native dtype for a config dtype name."""
+        if name not in self.dtypes:
+            raise TypeError(
+                f"backend {self.name!r} does not support dtype {name!r}; supported: {self.dtypes}"
+            )
+        return getattr(self.xp, name)
+
+    def asarray(self, a, dtype: str | None = None):
+        """NumPy or native array -> native array (optionally cast to a config dtype name)."""
+        raise NotImplementedError
+
+    def to_numpy(self, a) -> np.ndarray:
+        """Native array -> NumPy array (bfloat16 comes back as float32)."""
+        raise NotImplementedError
+
+    # -- spec hooks (override with fast paths) --------------------------------------------
+    def topk(self, acts, k: int):
+        """acts: (batch, m) -> (values, indices): (batch, k) each, largest first."""
+        return topk_reference(acts, k, self.xp)
+
+    def encode(self, x_centered, W_enc, b_enc, expert):
+        """x_centered: (batch, d), W_enc: (N, d, m), expert: (batch,) -> pre-activations (batch, m)."""
+        return encode_reference(x_centered, W_enc, b_enc, expert, self.xp)
+
+    def decode(self, values, indices, W_dec_flat):
+        """values, indices: (batch, k); W_dec_flat: (N*m, d) -> (batch, d)."""
+        return decode_reference(values, indices, W_dec_flat, self.xp)
+
+    def scatter_add(self, target, indices, values):
+        """Return target with values[j] added at row indices[j], duplicates accumulating.
+
+        target: (n, ...); indices: (j,) int; values: (j, ...)."""
+        raise NotImplementedError
+
+    def stop_gradient(self, a):
+        """a, excluded from differentiation (identity for non-autograd backends)."""
+        return a
+
+    # -- training -------------------------------------------------------------------------
+    def loss_and_grads(self, params: dict, x, cfg, dead_mask=None):
+        """-> (ForwardOutput, grads: dict name -> array like params)."""
+        raise NotImplementedError
+
+    def compile_step(self, step_fn):
+        """Wrap a pure train-step function for speed (jit); identity by default."""
+        return step_fn
+
+    def __repr__(self) -> str:
+        return f"<switchsae backend {self.name!r}>"

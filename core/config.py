@@ -1,0 +1,124 @@
+"""`SwitchSAEConfig`: the sizes, loss coefficients and variant switches of a Switch SAE.
+
+Shapes use d = `d_in`, M = `n_latents`, N = `n_experts`, m = M / N latents per expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+ROUTER_SCALES = ("soft", "hard")
+
+
+class ConfigError(ValueError):
+    """A `SwitchSAEConfig` field is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class SwitchSAEConfig:
+    """Architecture and loss definition of a Switch SAE.
+
+    d_in: width d of the activations.  n_latents: total dictionary size M.
+    n_experts: N, each expert owning m = M / N latents.  k: latents kept per token.
+    lb_coef: weight of the Switch load-balancing loss; `None` means the paper's
+        `alpha * d` with alpha = 3.0.
+    auxk_coef: weight of the AuxK dead-latent loss (0 = off, as in the paper's runs;
+        Gao et al. use 1/32).  k_aux: dead latents used by AuxK (`None`: d // 2).
+    dead_tokens: a latent that has not fired for this many tokens counts as dead.
+    encoder_bias: add a per-expert encoder bias `b_enc (N, m)`.
+    router_scale: "soft" scales each expert's decode by its router probability;
+        "hard" (the paper's heaviside ablation) scales by 1.
+    dtype: parameter and activation dtype.
+    """
+
+    d_in: int
+    n_latents: int
+    n_experts: int = 1
+    k: int = 32
+    lb_coef: float | None = None
+    auxk_coef: float = 0.0
+    k_aux: int | None = None
+    dead_tokens: int = 10_000_000
+    encoder_bias: bool = False
+    router_scale: str = "soft"
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_latents", "n_experts", "k", "dead_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_latents % self.n_experts:
+            raise ConfigError(
+                f"n_latents ({self.n_latents}) must be divisible by n_experts ({self.n_experts})"
+            )
+        if self.k > self.expert_width:
+            raise ConfigError(
+                f"k ({self.k}) must be <= latents per expert n_latents/n_experts "
+                f"({self.expert_width})"
+            )
+        if self.router_scale not in ROUTER_SCALES:
+            raise ConfigError(f"router_scale must be one of {ROUTER_SCALES}, got {self.router_scale!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("lb_coef", "auxk_coef"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
+            raise ConfigError(f"k_aux must be a positive integer, got {self.k_aux!r}")
+
+    @property
+    def expert_width(self) -> int:
+        """m: latents per expert."""
+        return self.n_latents // self.n_experts
+
+    @property
+    def lb_weight(self) -> float:
+        """The load-balancing coefficient in effect (paper default: 3.0 * d_in)."""
+        return 3.0 * self.d_in if self.lb_coef is None else float(self.lb_coef)
+
+    @property
+    def aux_k(self) -> int:
+        """Dead latents AuxK reconstructs with per token, capped at the expert width."""
+        return min(self.d_in // 2 if self.k_aux is None else self.k_aux, self.expert_width)
+
+    @property
+    def default_lr(self) -> float:
+        """The paper's learning-rate scaling: 2e-4 / sqrt(M / 2**14)."""
+        return 2e-4 / math.sqrt(self.n_latents / 2**14)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter (the checkpoint names)."""
+        d, n, m = self.d_in, self.n_experts, self.expert_width
+        shapes = {
+            "b_pre": (d,),
+            "b_router": (d,),
+            "W_router": (n, d),
+            "W_enc": (n, d, m),
+            "W_dec": (n, m, d),
+        }
+        if self.encoder_bias:
+            shapes["b_enc"] = (n, m)
+        return shapes
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if not out["extra"]:
+            del out["extra"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SwitchSAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "SwitchSAEConfig":
+        return dataclasses.replace(self, **changes)

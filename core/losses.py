@@ -1,0 +1,36 @@
+"""Loss terms: reconstruction MSE, Switch load balancing, AuxK dead-latent loss."""
+
+from .router import expert_one_hot
+
+
+def mse_loss(x, x_hat, xp):
+    """mean over tokens of ||x - x_hat||^2.  x, x_hat: (batch, d) -> scalar."""
+    return xp.mean(xp.sum((x - x_hat) ** 2, axis=-1))
+
+
+def expert_fractions(expert, n_experts, dtype, xp):
+    """f_i: fraction of tokens routed to expert i.  expert: (batch,) -> (N,)."""
+    return xp.mean(expert_one_hot(expert, n_experts, dtype, xp), axis=0)
+
+
+def load_balance_loss(probs, expert, xp):
+    """N * sum_i f_i P_i (Switch Transformer; 1 when balanced).  probs: (batch, N) -> scalar.
+
+    f_i counts hard choices and carries no gradient; P_i = mean router probability."""
+    n = probs.shape[-1]
+    f = expert_fractions(expert, n, probs.dtype, xp)
+    return n * xp.sum(f * xp.mean(probs, axis=0))
+
+
+def total_variance(x, xp):
+    """sum over tokens of ||x - mean(x)||^2.  x: (batch, d) -> scalar."""
+    return xp.sum((x - xp.mean(x, axis=0, keepdims=True)) ** 2)
+
+
+def auxk_loss(aux_recon, residual, n_dead, k_aux, x, xp):
+    """Gao et al.'s AuxK: dead latents reconstruct the (detached) residual x - x_hat.
+
+    aux_recon, residual: (batch, d); n_dead: scalar count of dead latents.
+    scale min(n_dead / k_aux, 1) * sum ||aux_recon - residual||^2 / total variance."""
+    scale = xp.minimum(n_dead / k_aux, xp.ones_like(n_dead))
+    return scale * xp.sum((aux_recon - residual) ** 2) / total_variance(x, xp)

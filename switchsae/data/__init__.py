@@ -1,0 +1,1 @@
+"""Activation sources: in-memory arrays, shard directories, and harvesting from transformers."""

@@ -1,0 +1,95 @@
+"""`SwitchSAE`: a config plus parameters on one backend, with input checking."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from switchsae.core import spec
+from switchsae.core.config import SwitchSAEConfig
+from switchsae.core.init import init_params
+
+from ._active import get_backend
+
+
+class InputError(ValueError):
+    """Bad input to a Switch SAE (shape, dtype, non-finite values)."""
+
+
+class SwitchSAE:
+    """A Switch SAE on a backend.  `params`: dict name -> native array (the spec's names)."""
+
+    def __init__(self, cfg: SwitchSAEConfig, params: dict, backend=None):
+        self.cfg = cfg
+        self.backend = backend or get_backend()
+        self.params = params
+
+    @classmethod
+    def init(cls, cfg: SwitchSAEConfig, seed: int = 0, backend=None) -> "SwitchSAE":
+        """Random initialisation as specified (same numbers on every backend for a seed)."""
+        return cls.from_params(cfg, init_params(cfg, seed), backend)
+
+    @classmethod
+    def from_params(cls, cfg: SwitchSAEConfig, params: dict, backend=None) -> "SwitchSAE":
+        """params: dict name -> NumPy or native array; checked against the config's shapes."""
+        backend = backend or get_backend()
+        expected = cfg.param_shapes()
+        missing, unknown = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+        if missing or unknown:
+            raise InputError(f"parameters do not match the config: missing {missing}, unexpected {unknown}")
+        native = {}
+        for name, shape in expected.items():
+            value = params[name]
+            if tuple(value.shape) != shape:
+                raise InputError(f"parameter {name} has shape {tuple(value.shape)}, config needs {shape}")
+            native[name] = backend.asarray(value, cfg.dtype)
+        return cls(cfg, native, backend)
+
+    def _check_input(self, x):
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 2 or shape[-1] != self.cfg.d_in:
+            raise InputError(f"x must have shape (batch, {self.cfg.d_in}); got {shape}")
+        if shape[0] == 0:
+            raise InputError("x is empty (batch size 0)")
+        dtype = str(getattr(x, "dtype", ""))
+        if not any(kind in dtype for kind in ("float", "bfloat")):
+            raise InputError(f"x must be a floating-point array; got dtype {dtype}")
+        x = self.backend.asarray(x, self.cfg.dtype)
+        if not math.isfinite(float(self.backend.xp.sum(x))):
+            bad = np.argwhere(~np.isfinite(self.backend.to_numpy(x)))
+            if len(bad):
+                raise InputError(f"x holds non-finite values (NaN or inf), first at row {bad[0][0]}")
+        return x
+
+    def forward(self, x, dead_mask=None) -> spec.ForwardOutput:
+        """x: (batch, d_in) -> ForwardOutput(x_hat, expert, router_probs, top_values,
+        top_indices, losses)."""
+        return spec.forward(self.params, self._check_input(x), self.cfg, self.backend, dead_mask)
+
+    __call__ = forward
+
+    def encode(self, x):
+        """x: (batch, d_in) -> (top_values, top_indices, expert): (batch, k), (batch, k), (batch,)."""
+        out = self.forward(x)
+        return out.top_values, out.top_indices, out.expert
+
+    def decode(self, top_values, top_indices):
+        """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in)."""
+        xp = self.backend.xp
+        table = xp.reshape(self.params["W_dec"], (self.cfg.n_latents, self.cfg.d_in))
+        return self.backend.decode(top_values, top_indices, table) + self.params["b_pre"]
+
+    def numpy_params(self) -> dict[str, np.ndarray]:
+        """Parameters as NumPy arrays (bfloat16 as float32)."""
+        return {name: self.backend.to_numpy(p) for name, p in self.params.items()}
+
+    def to(self, backend) -> "SwitchSAE":
+        """The same model on another backend (name or Backend)."""
+        backend = get_backend(backend) if isinstance(backend, str) else backend
+        return SwitchSAE.from_params(self.cfg, self.numpy_params(), backend)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"SwitchSAE(d_in={c.d_in}, n_latents={c.n_latents}, n_experts={c.n_experts}, "
+                f"k={c.k}, backend={self.backend.name!r})")
