@@ -1,0 +1,87 @@
+"""Run a conformance case on a backend and bring every result back as NumPy float64,
+next to the NumPy float64 reference.  Tolerances per dtype are stated here, once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from switchsae.backends import load_backend
+from switchsae.core import spec
+from switchsae.core.optim import adam_init
+from switchsae.core.train_step import train_step
+
+# Tolerances against the float64 reference, as (rtol, atol relative to the quantity's max |value|).
+# float32: eps 1.2e-7; sums over <= 64 terms in a different order (grouped matmuls, gathers)
+#   give ~1e-6 relative error, so 1e-4 leaves a 100x margin.
+# bfloat16: eps 7.8e-3 (8-bit mantissa) on inputs, weights and products; errors of a few eps
+#   accumulate over d = 16 terms, so 6e-2 relative.
+TOLERANCE = {"float64": (1e-9, 1e-9), "float32": (1e-4, 1e-4), "bfloat16": (6e-2, 6e-2)}
+# bfloat16 gradients are compared by direction: cosine with the reference >= this.
+BF16_GRAD_COSINE = 0.98
+
+
+def to_np(backend, a) -> np.ndarray:
+    return np.asarray(backend.to_numpy(a), dtype=np.float64) if a is not None else None
+
+
+def native(backend, case, dtype):
+    params = {n: backend.asarray(p, dtype) for n, p in case.params.items()}
+    x = backend.asarray(case.x, dtype)
+    dead = None if case.dead_mask is None else backend.asarray(case.dead_mask)
+    return params, x, dead
+
+
+def forward(backend_name: str, case, dtype: str) -> dict:
+    """Forward outputs of `case` on a backend in `dtype`, as float64 NumPy."""
+    backend = load_backend(backend_name)
+    cfg = case.cfg.replace(dtype=dtype)
+    params, x, dead = native(backend, case, dtype)
+    out = spec.forward(params, x, cfg, backend, dead)
+    result = {f: to_np(backend, getattr(out, f)) for f in ("x_hat", "router_probs", "top_values")}
+    result["expert"] = np.asarray(backend.to_numpy(out.expert)).astype(np.int64)
+    result["top_indices"] = np.asarray(backend.to_numpy(out.top_indices)).astype(np.int64)
+    result["losses"] = {k: float(to_np(backend, v)) for k, v in out.losses.items()}
+    return result
+
+
+def gradients(backend_name: str, case, dtype: str) -> dict:
+    backend = load_backend(backend_name)
+    params, x, dead = native(backend, case, dtype)
+    _, grads = backend.loss_and_grads(params, x, case.cfg.replace(dtype=dtype), dead)
+    return {n: to_np(backend, g) for n, g in grads.items()}
+
+
+def trajectory(backend_name: str, case, dtype: str, steps: int, lr: float, seed: int = 0):
+    """`steps` shared train steps on fresh batches -> (per-step total loss, final params)."""
+    backend = load_backend(backend_name)
+    cfg = case.cfg.replace(dtype=dtype)
+    params, _, dead = native(backend, case, dtype)
+    opt = adam_init(params, backend.xp)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(steps):
+        batch = case.x + 0.3 * rng.normal(size=case.x.shape)
+        params, opt, out = train_step(backend, cfg, params, opt, backend.asarray(batch, dtype), lr, dead)
+        losses.append(float(to_np(backend, out.losses["total"])))
+    return np.array(losses), {n: to_np(backend, p) for n, p in params.items()}
+
+
+def assert_close(actual, expected, dtype: str, what: str, scale: float | None = None):
+    """|actual - expected| <= atol * scale + rtol * |expected|, scale = max |expected|."""
+    rtol, atol = TOLERANCE[dtype]
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != reference {expected.shape}"
+    scale = float(np.max(np.abs(expected))) if scale is None else scale
+    err = np.abs(actual - expected)
+    bound = atol * max(scale, 1e-12) + rtol * np.abs(expected)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else ()
+    assert np.all(err <= bound), (
+        f"{what} ({dtype}): max error {err.max():.3e} at {worst} exceeds tolerance "
+        f"(rtol {rtol}, atol {atol} x scale {scale:.3e})"
+    )
+
+
+def cosine(a, b) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return 1.0 if denom == 0 else float(a @ b / denom)
