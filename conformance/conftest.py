@@ -1,7 +1,8 @@
 """Parametrise the conformance suite over backends.
 
-Backends under test: $SWITCHSAE_CONFORMANCE_BACKENDS (comma-separated; CI names every backend,
-so a missing one fails), else every installed backend.  Dtypes: float32 and bfloat16 where
+Backends under test: $SWITCHSAE_CONFORMANCE_BACKENDS, comma-separated names or "all" (every
+registered backend: what CI uses, so a backend that is missing there fails), else every
+installed backend.  Dtypes: float32 and bfloat16 where
 the backend supports it."""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from switchsae.backends import REGISTRY, installed_backends
 
 def backends_under_test() -> list[str]:
     named = os.environ.get("SWITCHSAE_CONFORMANCE_BACKENDS", "")
+    if named.strip() == "all":
+        return list(REGISTRY)
     return [b.strip() for b in named.split(",") if b.strip()] or installed_backends()
 
 
