@@ -72,7 +72,14 @@ def ties() -> Case:
 
 def auxk() -> Case:
     cfg, params, x, rng = _base("auxk", seed=4, auxk_coef=0.5, k_aux=6)
-    return Case("auxk", cfg, params, x, dead_mask=rng.random(cfg.n_latents) < 0.4)
+    return Case("auxk", cfg, params, x, dead_mask=rng.random(cfg.total_latents) < 0.4)
+
+
+def all_variants() -> Case:
+    """Two experts per token, a shared expert and AuxK at once."""
+    cfg, params, x, rng = _base("all_variants", seed=6, experts_per_token=2, shared_latents=8,
+                                shared_k=2, k=6, auxk_coef=0.5, k_aux=5)
+    return Case("all_variants", cfg, params, x, dead_mask=rng.random(cfg.total_latents) < 0.4)
 
 
 def build(name: str) -> Case:
@@ -82,14 +89,19 @@ def build(name: str) -> Case:
         "single_expert": {"n_experts": 1, "n_latents": 24, "k": 5},
         "encoder_bias": {"encoder_bias": True},
         "hard_router": {"router_scale": "hard"},
+        "shared_expert": {"shared_latents": 12, "shared_k": 2, "k": 5, "encoder_bias": True},
+        "two_experts_per_token": {"experts_per_token": 2, "k": 6},
     }
     if name in simple:
         cfg, params, x, _ = _base(name, seed=5 + len(name), **simple[name])
         return Case(name, cfg, params, x)
-    return {"empty_expert": empty_expert, "one_expert": one_expert, "ties": ties, "auxk": auxk}[name]()
+    named = {"empty_expert": empty_expert, "one_expert": one_expert, "ties": ties, "auxk": auxk,
+             "all_variants": all_variants}
+    return named[name]()
 
 
 CASE_NAMES = [
     "base", "k_equals_m", "single_expert", "encoder_bias", "hard_router",
     "empty_expert", "one_expert", "ties", "auxk",
+    "shared_expert", "two_experts_per_token", "all_variants",
 ]

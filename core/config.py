@@ -32,6 +32,10 @@ class SwitchSAEConfig:
     router_scale: "soft" scales each expert's decode by its router probability;
         "hard" (the paper's heaviside ablation) scales by 1.
     dtype: parameter and activation dtype.
+    experts_per_token: e; route each token to its top-e experts and take one TopK over
+        their e*m probability-weighted pre-activations (1 = the paper's Switch SAE).
+    shared_latents: width m_s of an always-on shared expert (0 = none); it keeps its own
+        `shared_k` of the k latents, the routed experts the other k - shared_k.
     """
 
     d_in: int
@@ -45,6 +49,9 @@ class SwitchSAEConfig:
     encoder_bias: bool = False
     router_scale: str = "soft"
     dtype: str = "float32"
+    experts_per_token: int = 1
+    shared_latents: int = 0
+    shared_k: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,11 +63,27 @@ class SwitchSAEConfig:
             raise ConfigError(
                 f"n_latents ({self.n_latents}) must be divisible by n_experts ({self.n_experts})"
             )
-        if self.k > self.expert_width:
+        for name in ("experts_per_token", "shared_latents", "shared_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(
-                f"k ({self.k}) must be <= latents per expert n_latents/n_experts "
-                f"({self.expert_width})"
+                f"experts_per_token ({self.experts_per_token}) must be in 1..n_experts ({self.n_experts})"
             )
+        if self.shared_latents == 0 and self.shared_k:
+            raise ConfigError(f"shared_k ({self.shared_k}) needs a shared expert (shared_latents > 0)")
+        if self.shared_latents and not 1 <= self.shared_k < self.k:
+            raise ConfigError(
+                f"shared_k ({self.shared_k}) must be in 1..k-1 ({self.k - 1}) with a shared expert"
+            )
+        if self.shared_k > self.shared_latents:
+            raise ConfigError(f"shared_k ({self.shared_k}) must be <= shared_latents ({self.shared_latents})")
+        candidates = self.experts_per_token * self.expert_width
+        if self.routed_k > candidates:
+            what = "latents per expert n_latents/n_experts" if self.experts_per_token == 1 \
+                else "experts_per_token * latents per expert"
+            raise ConfigError(f"k ({self.routed_k}) must be <= {what} ({candidates})")
         if self.router_scale not in ROUTER_SCALES:
             raise ConfigError(f"router_scale must be one of {ROUTER_SCALES}, got {self.router_scale!r}")
         if self.dtype not in DTYPES:
@@ -78,14 +101,25 @@ class SwitchSAEConfig:
         return self.n_latents // self.n_experts
 
     @property
+    def routed_k(self) -> int:
+        """Latents kept per token from the routed experts (k minus the shared expert's)."""
+        return self.k - self.shared_k
+
+    @property
+    def total_latents(self) -> int:
+        """Every latent: the N*m routed ones (ids 0..M-1), then the shared expert's."""
+        return self.n_latents + self.shared_latents
+
+    @property
     def lb_weight(self) -> float:
         """The load-balancing coefficient in effect (paper default: 3.0 * d_in)."""
         return 3.0 * self.d_in if self.lb_coef is None else float(self.lb_coef)
 
     @property
     def aux_k(self) -> int:
-        """Dead latents AuxK reconstructs with per token, capped at the expert width."""
-        return min(self.d_in // 2 if self.k_aux is None else self.k_aux, self.expert_width)
+        """Dead latents AuxK reconstructs with per token, capped at the routed candidates."""
+        wanted = self.d_in // 2 if self.k_aux is None else self.k_aux
+        return min(wanted, self.experts_per_token * self.expert_width)
 
     @property
     def default_lr(self) -> float:
@@ -104,6 +138,11 @@ class SwitchSAEConfig:
         }
         if self.encoder_bias:
             shapes["b_enc"] = (n, m)
+        if self.shared_latents:
+            shapes["W_enc_shared"] = (d, self.shared_latents)
+            shapes["W_dec_shared"] = (self.shared_latents, d)
+            if self.encoder_bias:
+                shapes["b_enc_shared"] = (self.shared_latents,)
         return shapes
 
     def to_dict(self) -> dict:

@@ -1,6 +1,6 @@
 """Expert encode and sparse decode, in standard ops (the dense definition backends must match)."""
 
-from .router import expert_one_hot
+from .router import one_hot
 
 
 def encode_reference(x_centered, W_enc, b_enc, expert, xp):
@@ -15,8 +15,8 @@ def encode_reference(x_centered, W_enc, b_enc, expert, xp):
     all_pre = xp.reshape(all_pre, (x_centered.shape[0], n, m))
     if b_enc is not None:
         all_pre = all_pre + b_enc[None, :, :]
-    one_hot = expert_one_hot(expert, n, all_pre.dtype, xp)
-    return xp.sum(all_pre * one_hot[:, :, None], axis=1)
+    chosen = one_hot(expert, n, all_pre.dtype, xp)
+    return xp.sum(all_pre * chosen[:, :, None], axis=1)
 
 
 def decode_reference(values, indices, W_dec_flat, xp):

@@ -27,6 +27,13 @@ def init_params(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     }
     if cfg.encoder_bias:
         params["b_enc"] = np.zeros((n, m))
+    if cfg.shared_latents:  # drawn after the routed experts, which keep their numbers
+        W_enc_shared = rng.uniform(-bound, bound, size=(d, cfg.shared_latents))
+        W_dec_shared = W_enc_shared.T.copy()
+        W_dec_shared /= np.linalg.norm(W_dec_shared, axis=-1, keepdims=True) + np.finfo(np.float32).eps
+        params["W_enc_shared"], params["W_dec_shared"] = W_enc_shared, W_dec_shared
+        if cfg.encoder_bias:
+            params["b_enc_shared"] = np.zeros(cfg.shared_latents)
     return params
 
 

@@ -1,6 +1,6 @@
 """Loss terms: reconstruction MSE, Switch load balancing, AuxK dead-latent loss."""
 
-from .router import expert_one_hot
+from .router import expert_counts
 
 
 def mse_loss(x, x_hat, xp):
@@ -8,17 +8,19 @@ def mse_loss(x, x_hat, xp):
     return xp.mean(xp.sum((x - x_hat) ** 2, axis=-1))
 
 
-def expert_fractions(expert, n_experts, dtype, xp):
-    """f_i: fraction of tokens routed to expert i.  expert: (batch,) -> (N,)."""
-    return xp.mean(expert_one_hot(expert, n_experts, dtype, xp), axis=0)
+def expert_fractions(experts, n_experts, dtype, xp):
+    """f_i: fraction of routing choices that went to expert i.  experts: (batch,) or
+    (batch, e) -> (N,), summing to 1."""
+    experts = experts[:, None] if experts.ndim == 1 else experts
+    return expert_counts(experts, n_experts, dtype, xp) / (experts.shape[0] * experts.shape[1])
 
 
-def load_balance_loss(probs, expert, xp):
-    """N * sum_i f_i P_i (Switch Transformer; 1 when balanced).  probs: (batch, N) -> scalar.
-
-    f_i counts hard choices and carries no gradient; P_i = mean router probability."""
+def load_balance_loss(probs, experts, xp):
+    """N * sum_i f_i P_i (Switch Transformer; 1 when balanced).  probs: (batch, N);
+    experts: (batch, e) -> scalar.  f_i counts hard choices and carries no gradient;
+    P_i = mean router probability."""
     n = probs.shape[-1]
-    f = expert_fractions(expert, n, probs.dtype, xp)
+    f = expert_fractions(experts, n, probs.dtype, xp)
     return n * xp.sum(f * xp.mean(probs, axis=0))
 
 

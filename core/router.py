@@ -1,4 +1,4 @@
-"""The router: which expert each token goes to, and the gate that scales its decode."""
+"""The router: which expert each token goes to."""
 
 
 def router_probs(x, b_router, W_router, xp):
@@ -14,20 +14,13 @@ def choose_experts(probs, xp):
     return xp.argmax(probs, axis=-1)
 
 
-def expert_one_hot(expert, n_experts, dtype, xp):
-    """expert: (batch,) -> (batch, N) one-hot in `dtype` (no scatter needed)."""
-    return xp.astype(expert[:, None] == xp.arange(n_experts, device=_device(expert, xp))[None, :], dtype)
-
-
-def gate_values(probs, expert, router_scale, xp):
-    """The factor on each token's decode: p[e] ("soft") or 1 ("hard").  -> (batch,)."""
-    if router_scale == "hard":
-        return xp.ones(probs.shape[:1], dtype=probs.dtype, device=_device(probs, xp))
-    one_hot = expert_one_hot(expert, probs.shape[-1], probs.dtype, xp)
-    return xp.sum(probs * one_hot, axis=-1)
-
-
-def _device(a, xp):
+def one_hot(experts, n_experts, dtype, xp):
+    """experts: (...,) int -> (..., N) one-hot in `dtype` (a comparison, no scatter)."""
     from array_api_compat import device
 
-    return device(a)
+    return xp.astype(experts[..., None] == xp.arange(n_experts, device=device(experts)), dtype)
+
+
+def expert_counts(experts, n_experts, dtype, xp):
+    """How often each expert was chosen.  experts: (batch, e) int -> (N,) in `dtype`."""
+    return xp.sum(one_hot(experts, n_experts, dtype, xp), axis=(0, 1))

@@ -1,11 +1,13 @@
 """The Switch SAE forward pass and loss: the specification every backend must reproduce.
 
-For x: (batch, d), with m = M / N latents per expert:
-  1. p = softmax((x - b_router) @ W_router.T)           (batch, N); e = argmax(p)
-  2. a = relu((x - b_pre) @ W_enc[e] (+ b_enc[e]))       (batch, m); keep the top k
-  3. top_values = gate * kept activations, gate = p[e] ("soft") or 1 ("hard")
-     x_hat = sum_j top_values[:, j] * W_dec[e, i_j] + b_pre
+For x: (batch, d), with m = M / N latents per expert and e = experts_per_token (1 in the paper):
+  1. p = softmax((x - b_router) @ W_router.T)             (batch, N); the top-e experts
+  2. each chosen expert j: a_j = relu((x - b_pre) @ W_enc[e_j] (+ b_enc[e_j]))   (batch, m)
+  3. candidates = [gate_j * a_j]_j, gate_j = p[e_j] ("soft") or 1 ("hard")   (batch, e*m);
+     keep the top k (k - shared_k with a shared expert): top_values, global ids e_j*m + i
+  4. x_hat = sum top_values * W_dec[ids] (+ the shared expert's own TopK decode) + b_pre
 Loss = mse + lb_coef * N * sum_i f_i P_i (+ auxk_coef * AuxK when a dead mask is given).
+With e = 1 the gate is a positive scalar per token, so step 3 is TopK of a_j scaled by p[e].
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import losses as L
-from .router import choose_experts, gate_values, router_probs
+from .router import choose_experts, router_probs
 
 
 class ForwardOutput(NamedTuple):
-    """x_hat: (batch, d); expert: (batch,); router_probs: (batch, N);
-    top_values: (batch, k) gated activations; top_indices: (batch, k) global latent ids
-    e*m + i; losses: dict of scalars ("mse", "lb", "auxk", "total")."""
+    """x_hat: (batch, d); expert: (batch,) chosen expert, (batch, e) when experts_per_token > 1;
+    router_probs: (batch, N); top_values: (batch, k) gated activations; top_indices: (batch, k)
+    global latent ids (e*m + i routed, M + i shared); losses: dict of scalars
+    ("mse", "lb", "auxk", "total")."""
 
     x_hat: object
     expert: object
@@ -32,56 +35,67 @@ class ForwardOutput(NamedTuple):
 class Trace(NamedTuple):
     """Every intermediate of the forward pass (for hand-derived gradients and debugging).
 
-    pre: (batch, m) pre-activations of the chosen expert; local_indices: (batch, k) in [0, m);
-    kept: (batch, k) ungated activations; aux_* the AuxK counterparts (None when off)."""
+    experts, gates: (batch, e); pre: (batch, e*m) pre-activations of the chosen experts;
+    cand_indices: (batch, k_routed) positions in the e*m candidates; aux_*: AuxK's
+    (None when off); shared_pre: (batch, m_s), shared_indices: (batch, shared_k) (None without)."""
 
     out: ForwardOutput
     x_centered: object
-    gate: object
+    experts: object
+    gates: object
     pre: object
-    local_indices: object
-    kept: object
-    aux_local_indices: object
-    aux_kept: object
+    cand_indices: object
+    aux_cand_indices: object
     aux_recon: object
     n_dead: object
+    shared_pre: object
+    shared_indices: object
 
 
 def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
-    """Run the spec on `backend`'s arrays, keeping intermediates.  dead_mask: (M,) bool or None."""
+    """Run the spec on `backend`'s arrays, keeping intermediates.
+    dead_mask: (total_latents,) bool or None; AuxK uses its routed part."""
     xp = backend.xp
-    n, m = cfg.n_experts, cfg.expert_width
-    W_dec_flat = xp.reshape(params["W_dec"], (n * m, cfg.d_in))
+    e, m = cfg.experts_per_token, cfg.expert_width
+    W_dec_flat = xp.reshape(params["W_dec"], (cfg.n_latents, cfg.d_in))
 
     probs = router_probs(x, params["b_router"], params["W_router"], xp)
-    expert = choose_experts(probs, xp)
-    gate = gate_values(probs, expert, cfg.router_scale, xp)
+    experts = choose_experts(probs, xp)[:, None] if e == 1 else backend.topk(probs, e)[1]
+    gates = _gates(probs, experts, cfg.router_scale, xp)
 
     x_centered = x - params["b_pre"]
-    pre = backend.encode(x_centered, params["W_enc"], params.get("b_enc"), expert)
-    acts = xp.maximum(pre, xp.zeros_like(pre))
-    kept, local_indices = backend.topk(acts, cfg.k)
-    offset = xp.astype(expert, local_indices.dtype)[:, None] * m
-    top_indices = local_indices + offset
-    top_values = gate[:, None] * kept
+    pre = xp.concat([backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, j])
+                     for j in range(e)], axis=-1) if e > 1 else \
+        backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, 0])
+    candidates = _gated(xp.maximum(pre, xp.zeros_like(pre)), gates, m, xp)
+    top_values, cand_indices = backend.topk(candidates, cfg.routed_k)
+    top_indices = _global_ids(cand_indices, experts, m, xp)
     x_hat = backend.decode(top_values, top_indices, W_dec_flat) + params["b_pre"]
 
+    shared_pre = shared_indices = None
+    if cfg.shared_latents:
+        shared_pre, shared_indices, shared_values, shared_recon = _shared(params, x_centered, cfg, backend)
+        x_hat = x_hat + shared_recon
+        top_values = xp.concat([top_values, shared_values], axis=-1)
+        top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
+
     mse = L.mse_loss(x, x_hat, xp)
-    lb = L.load_balance_loss(probs, expert, xp)
+    lb = L.load_balance_loss(probs, experts, xp)
     total = mse + cfg.lb_weight * lb
-    aux = _auxk(x, x_hat, acts, gate, expert, offset, W_dec_flat, cfg, backend, dead_mask)
+    aux = _auxk(x, x_hat, candidates, experts, W_dec_flat, cfg, backend, dead_mask)
     if aux is None:
         auxk = xp.zeros_like(mse)
-        aux = (None, None, None, None)
+        aux = (None, None, None)
     else:
         auxk = aux[-1]
         total = total + cfg.auxk_coef * auxk
         aux = aux[:-1]
+    expert = experts[:, 0] if e == 1 else experts
     out = ForwardOutput(
         x_hat, expert, probs, top_values, top_indices,
         {"mse": mse, "lb": lb, "auxk": auxk, "total": total},
     )
-    return Trace(out, x_centered, gate, pre, local_indices, kept, *aux)
+    return Trace(out, x_centered, experts, gates, pre, cand_indices, *aux, shared_pre, shared_indices)
 
 
 def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
@@ -89,17 +103,53 @@ def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
     return trace(params, x, cfg, backend, dead_mask).out
 
 
-def _auxk(x, x_hat, acts, gate, expert, offset, W_dec_flat, cfg, backend, dead_mask):
-    """AuxK term, or None when off: the top k_aux dead latents of each token's expert
-    reconstruct the detached residual x - x_hat (scaled by the gate like the main decode)."""
+def _gates(probs, experts, router_scale, xp):
+    """(batch, e): p[e_j] ("soft") or 1 ("hard")."""
+    chosen = xp.take_along_axis(probs, experts, axis=-1)
+    return xp.ones_like(chosen) if router_scale == "hard" else chosen
+
+
+def _gated(acts, gates, m, xp):
+    """acts: (batch, e*m) * each slot's gate -> (batch, e*m)."""
+    batch, e = gates.shape
+    if e == 1:
+        return acts * gates
+    return xp.reshape(xp.reshape(acts, (batch, e, m)) * gates[:, :, None], (batch, e * m))
+
+
+def _global_ids(cand_indices, experts, m, xp):
+    """Candidate positions j*m + i -> global latent ids experts[:, j]*m + i.  (batch, k)."""
+    if experts.shape[-1] == 1:
+        return cand_indices + xp.astype(experts, cand_indices.dtype) * m
+    slot = cand_indices // m
+    owner = xp.take_along_axis(xp.astype(experts, cand_indices.dtype), slot, axis=-1)
+    return owner * m + (cand_indices - slot * m)
+
+
+def _shared(params, x_centered, cfg, backend):
+    """The always-on shared expert: its own TopK of shared_k over m_s latents, ungated."""
+    xp = backend.xp
+    pre = x_centered @ params["W_enc_shared"]
+    if "b_enc_shared" in params:
+        pre = pre + params["b_enc_shared"]
+    values, indices = backend.topk(xp.maximum(pre, xp.zeros_like(pre)), cfg.shared_k)
+    return pre, indices, values, backend.decode(values, indices, params["W_dec_shared"])
+
+
+def _auxk(x, x_hat, candidates, experts, W_dec_flat, cfg, backend, dead_mask):
+    """AuxK term, or None when off: the top k_aux dead latents among each token's routed
+    candidates reconstruct the detached residual x - x_hat (gated like the main decode)."""
     if dead_mask is None or cfg.auxk_coef == 0:
         return None
     xp = backend.xp
-    dead_local = xp.take(xp.reshape(dead_mask, (cfg.n_experts, cfg.expert_width)), expert, axis=0)
-    dead_acts = xp.where(dead_local, acts, xp.zeros_like(acts))
-    aux_kept, aux_local = backend.topk(dead_acts, cfg.aux_k)
-    aux_recon = backend.decode(gate[:, None] * aux_kept, aux_local + offset, W_dec_flat)
+    e, m = cfg.experts_per_token, cfg.expert_width
+    routed_dead = xp.reshape(dead_mask[:cfg.n_latents], (cfg.n_experts, m))
+    dead_local = xp.concat([xp.take(routed_dead, experts[:, j], axis=0) for j in range(e)], axis=-1) \
+        if e > 1 else xp.take(routed_dead, experts[:, 0], axis=0)
+    dead_candidates = xp.where(dead_local, candidates, xp.zeros_like(candidates))
+    aux_values, aux_cand = backend.topk(dead_candidates, cfg.aux_k)
+    aux_recon = backend.decode(aux_values, _global_ids(aux_cand, experts, m, xp), W_dec_flat)
     residual = backend.stop_gradient(x - x_hat)
-    n_dead = xp.sum(xp.astype(dead_mask, x.dtype))
+    n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))
     loss = L.auxk_loss(aux_recon, residual, n_dead, float(cfg.aux_k), x, xp)
-    return aux_local, aux_kept, aux_recon, n_dead, loss
+    return aux_cand, aux_recon, n_dead, loss

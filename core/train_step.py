@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .constraints import normalize_decoder, remove_parallel_grad
+from .constraints import DECODERS, normalize_decoder, remove_parallel_grad
 from .optim import adam_update, clip_by_global_norm
 
 
@@ -16,7 +16,8 @@ def train_step(backend, cfg, params: dict, opt_state, x, lr, dead_mask=None,
     out, grads = backend.loss_and_grads(params, x, cfg, dead_mask)
     if max_grad_norm is not None:
         grads = clip_by_global_norm(grads, max_grad_norm, xp)
-    grads = dict(grads, W_dec=remove_parallel_grad(grads["W_dec"], params["W_dec"], xp))
+    decoders = [name for name in DECODERS if name in params]
+    grads = dict(grads, **{n: remove_parallel_grad(grads[n], params[n], xp) for n in decoders})
     params, opt_state = adam_update(params, grads, opt_state, lr, xp, betas=betas)
-    params = dict(params, W_dec=normalize_decoder(params["W_dec"], xp))
+    params = dict(params, **{n: normalize_decoder(params[n], xp) for n in decoders})
     return params, opt_state, out

@@ -75,10 +75,19 @@ class SwitchSAE:
         return out.top_values, out.top_indices, out.expert
 
     def decode(self, top_values, top_indices):
-        """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in)."""
-        xp = self.backend.xp
-        table = xp.reshape(self.params["W_dec"], (self.cfg.n_latents, self.cfg.d_in))
-        return self.backend.decode(top_values, top_indices, table) + self.params["b_pre"]
+        """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in).
+        Ids from n_latents on are the shared expert's."""
+        xp, cfg = self.backend.xp, self.cfg
+        table = xp.reshape(self.params["W_dec"], (cfg.n_latents, cfg.d_in))
+        if not cfg.shared_latents:
+            return self.backend.decode(top_values, top_indices, table) + self.params["b_pre"]
+        routed = top_indices < cfg.n_latents
+        zeros, ids0 = xp.zeros_like(top_values), xp.zeros_like(top_indices)
+        x_hat = self.backend.decode(xp.where(routed, top_values, zeros), xp.where(routed, top_indices, ids0), table)
+        shared_ids = xp.where(routed, ids0, top_indices - cfg.n_latents)
+        x_hat = x_hat + self.backend.decode(xp.where(routed, zeros, top_values), shared_ids,
+                                            self.params["W_dec_shared"])
+        return x_hat + self.params["b_pre"]
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         """Parameters as NumPy arrays (bfloat16 as float32)."""

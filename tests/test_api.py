@@ -80,3 +80,12 @@ def test_forward_fields_and_decode_round_trip():
     np.testing.assert_allclose(sae.decode(out.top_values, out.top_indices), out.x_hat, rtol=1e-6)
     values, indices, expert = sae.encode(x)
     assert np.all(indices // CFG.expert_width == expert[:, None])
+
+
+def test_decode_round_trip_with_shared_expert_and_two_experts_per_token():
+    cfg = switchsae.SwitchSAEConfig(d_in=8, n_latents=32, n_experts=4, k=5, experts_per_token=2,
+                                    shared_latents=6, shared_k=2)
+    sae = switchsae.SwitchSAE.init(cfg, backend=switchsae.get_backend("numpy"))
+    out = sae.forward(np.random.default_rng(1).normal(size=(16, 8)))
+    assert out.expert.shape == (16, 2) and np.all(out.top_indices[:, 3:] >= 32)
+    np.testing.assert_allclose(sae.decode(out.top_values, out.top_indices), out.x_hat, rtol=1e-5, atol=1e-6)

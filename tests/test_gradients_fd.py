@@ -26,6 +26,11 @@ CONFIGS = {
     "auxk": dict(auxk_coef=0.5, k_aux=3),
     "mse_only": dict(lb_coef=0.0),
     "single_expert": dict(n_experts=1, n_latents=8),
+    "two_experts_per_token": dict(experts_per_token=2, k=5),
+    "shared_expert": dict(shared_latents=6, shared_k=2, k=4, encoder_bias=True),
+    "all_variants_auxk": dict(experts_per_token=2, shared_latents=5, shared_k=1, k=4,
+                              auxk_coef=0.5, k_aux=4, router_scale="soft"),
+    "hard_two_experts": dict(experts_per_token=2, router_scale="hard"),
 }
 
 
@@ -50,7 +55,7 @@ def test_hand_gradients_match_finite_differences(name):
     rng = np.random.default_rng(1)
     params = {n: v + 0.1 * rng.normal(size=v.shape) for n, v in init_params(cfg, 0).items()}
     x = rng.normal(size=(10, 6))
-    dead = rng.random(cfg.n_latents) < 0.5 if cfg.auxk_coef else None
+    dead = rng.random(cfg.total_latents) < 0.5 if cfg.auxk_coef else None
     backend = FrozenResidual()
     out, grads = backend.loss_and_grads(params, x, cfg, dead)
     if cfg.auxk_coef:

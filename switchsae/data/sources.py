@@ -181,7 +181,7 @@ class _RowStream(ActivationSource):
 
 # ------------------------------------------------------------ ArraySource
 class ArraySource(_RowStream):
-    """Serve batches from an in-memory ``(n_rows, d_in)`` array (NumPy, torch, jax, mlx).
+    """Serve batches from an in-memory ``(n_rows, d_in)`` array (NumPy, torch, jax, mlx; not copied).
 
     Each epoch is a permutation of all rows drawn from ``(seed, epoch)``
     (identity order when ``shuffle=False``). ``dtype`` casts the output.
