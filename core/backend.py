@@ -68,5 +68,13 @@ class Backend:
         """Wrap a pure train-step function for speed (jit); identity by default."""
         return step_fn
 
+    def block_until_ready(self, tree):
+        """Wait for the asynchronous work that produces `tree` (timing); no-op by default."""
+        return tree
+
+    def device_name(self) -> str:
+        """Where this backend computes, for benchmark records."""
+        return "cpu"
+
     def __repr__(self) -> str:
         return f"<switchsae backend {self.name!r}>"

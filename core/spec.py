@@ -52,17 +52,33 @@ class Trace(NamedTuple):
     shared_indices: object
 
 
-def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
-    """Run the spec on `backend`'s arrays, keeping intermediates.
-    dead_mask: (total_latents,) bool or None; AuxK uses its routed part."""
+class Encoding(NamedTuple):
+    """The encoder half of the forward pass.  probs: (batch, N); experts, gates: (batch, e);
+    pre: (batch, e*m); candidates: (batch, e*m) gated activations; cand_indices: (batch,
+    k_routed) kept candidate positions; top_values, top_indices: (batch, k) kept values and
+    global ids, routed first, then the shared expert's; shared_pre: (batch, m_s) and
+    shared_indices: (batch, shared_k) local ids (None without a shared expert)."""
+
+    probs: object
+    experts: object
+    gates: object
+    x_centered: object
+    pre: object
+    candidates: object
+    cand_indices: object
+    top_values: object
+    top_indices: object
+    shared_pre: object
+    shared_indices: object
+
+
+def encode(params: dict, x, cfg, backend) -> Encoding:
+    """Route, run the chosen experts' encoders and keep the top k_routed candidates."""
     xp = backend.xp
     e, m = cfg.experts_per_token, cfg.expert_width
-    W_dec_flat = xp.reshape(params["W_dec"], (cfg.n_latents, cfg.d_in))
-
     probs = router_probs(x, params["b_router"], params["W_router"], xp)
     experts = choose_experts(probs, xp)[:, None] if e == 1 else backend.topk(probs, e)[1]
     gates = _gates(probs, experts, cfg.router_scale, xp)
-
     x_centered = x - params["b_pre"]
     pre = xp.concat([backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, j])
                      for j in range(e)], axis=-1) if e > 1 else \
@@ -70,19 +86,30 @@ def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
     candidates = _gated(xp.maximum(pre, xp.zeros_like(pre)), gates, m, xp)
     top_values, cand_indices = backend.topk(candidates, cfg.routed_k)
     top_indices = _global_ids(cand_indices, experts, m, xp)
-    x_hat = backend.decode(top_values, top_indices, W_dec_flat) + params["b_pre"]
-
     shared_pre = shared_indices = None
     if cfg.shared_latents:
-        shared_pre, shared_indices, shared_values, shared_recon = _shared(params, x_centered, cfg, backend)
-        x_hat = x_hat + shared_recon
+        shared_pre, shared_values, shared_indices = _shared_encode(params, x_centered, cfg, backend)
         top_values = xp.concat([top_values, shared_values], axis=-1)
         top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
+    return Encoding(probs, experts, gates, x_centered, pre, candidates, cand_indices,
+                    top_values, top_indices, shared_pre, shared_indices)
+
+
+def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
+    """Run the spec on `backend`'s arrays, keeping intermediates.
+    dead_mask: (total_latents,) bool or None; AuxK uses its routed part."""
+    xp = backend.xp
+    W_dec_flat = xp.reshape(params["W_dec"], (cfg.n_latents, cfg.d_in))
+    enc = encode(params, x, cfg, backend)
+    experts, k_r = enc.experts, cfg.routed_k
+    x_hat = backend.decode(enc.top_values[:, :k_r], enc.top_indices[:, :k_r], W_dec_flat) + params["b_pre"]
+    if cfg.shared_latents:
+        x_hat = x_hat + backend.decode(enc.top_values[:, k_r:], enc.shared_indices, params["W_dec_shared"])
 
     mse = L.mse_loss(x, x_hat, xp)
-    lb = L.load_balance_loss(probs, experts, xp)
+    lb = L.load_balance_loss(enc.probs, experts, xp)
     total = mse + cfg.lb_weight * lb
-    aux = _auxk(x, x_hat, candidates, experts, W_dec_flat, cfg, backend, dead_mask)
+    aux = _auxk(x, x_hat, enc.candidates, experts, W_dec_flat, cfg, backend, dead_mask)
     if aux is None:
         auxk = xp.zeros_like(mse)
         aux = (None, None, None)
@@ -90,12 +117,13 @@ def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
         auxk = aux[-1]
         total = total + cfg.auxk_coef * auxk
         aux = aux[:-1]
-    expert = experts[:, 0] if e == 1 else experts
+    expert = experts[:, 0] if cfg.experts_per_token == 1 else experts
     out = ForwardOutput(
-        x_hat, expert, probs, top_values, top_indices,
+        x_hat, expert, enc.probs, enc.top_values, enc.top_indices,
         {"mse": mse, "lb": lb, "auxk": auxk, "total": total},
     )
-    return Trace(out, x_centered, experts, gates, pre, cand_indices, *aux, shared_pre, shared_indices)
+    return Trace(out, enc.x_centered, experts, enc.gates, enc.pre, enc.cand_indices, *aux,
+                 enc.shared_pre, enc.shared_indices)
 
 
 def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
@@ -126,14 +154,15 @@ def _global_ids(cand_indices, experts, m, xp):
     return owner * m + (cand_indices - slot * m)
 
 
-def _shared(params, x_centered, cfg, backend):
-    """The always-on shared expert: its own TopK of shared_k over m_s latents, ungated."""
+def _shared_encode(params, x_centered, cfg, backend):
+    """The always-on shared expert's own TopK of shared_k over m_s latents (ungated).
+    -> pre (batch, m_s), values and local ids (batch, shared_k)."""
     xp = backend.xp
     pre = x_centered @ params["W_enc_shared"]
     if "b_enc_shared" in params:
         pre = pre + params["b_enc_shared"]
     values, indices = backend.topk(xp.maximum(pre, xp.zeros_like(pre)), cfg.shared_k)
-    return pre, indices, values, backend.decode(values, indices, params["W_dec_shared"])
+    return pre, values, indices
 
 
 def _auxk(x, x_hat, candidates, experts, W_dec_flat, cfg, backend, dead_mask):

@@ -70,9 +70,11 @@ class SwitchSAE:
     __call__ = forward
 
     def encode(self, x):
-        """x: (batch, d_in) -> (top_values, top_indices, expert): (batch, k), (batch, k), (batch,)."""
-        out = self.forward(x)
-        return out.top_values, out.top_indices, out.expert
+        """x: (batch, d_in) -> (top_values, top_indices, expert): (batch, k), (batch, k),
+        (batch,) (or (batch, e) with several experts per token).  No decode, no losses."""
+        enc = spec.encode(self.params, self._check_input(x), self.cfg, self.backend)
+        experts = enc.experts[:, 0] if self.cfg.experts_per_token == 1 else enc.experts
+        return enc.top_values, enc.top_indices, experts
 
     def decode(self, top_values, top_indices):
         """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in).
