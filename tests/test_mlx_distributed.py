@@ -1,0 +1,160 @@
+"""Data parallel with mx.distributed: 2 processes on half batches == 1 process on the full batch.
+
+The test launches this file as the worker: `mlx.launch -n 2 --backend ring` on 127.0.0.1 (the
+ring backend is plain TCP, so it runs on a Linux CPU machine).  Each rank trains on its half of
+every batch and saves its parameters; the test repeats the run on one process with the full
+batches and compares.  `mlx.launch` exits 0 even when a rank fails, so success is judged by the
+files the ranks write, never by the launcher's exit code.
+
+The halves are built to differ (opposite mean shifts), so the expert fractions f_i and the total
+variance differ between ranks: the naive scheme (average the per-rank gradients of the per-rank
+losses) must then measurably miss the full-batch result, which shows the comparison can fail.
+Tolerance: float32, per-rank sums of 16 tokens instead of one sum of 32 reorder the additions;
+the updates must agree to the conformance suite's float32 step tolerance (1e-4 relative)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from mlx.nn.utils import average_gradients  # noqa: E402
+from switchsae.backends.mlx import Backend as MLXBackend  # noqa: E402
+from switchsae.backends.mlx.distributed import data_parallel_step  # noqa: E402
+from switchsae.conformance import harness as H  # noqa: E402
+from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step  # noqa: E402
+from switchsae.core.dead_latents import update_tokens_since_fired  # noqa: E402
+
+WORLD, BATCH, STEPS, LR = 2, 32, 4, 1e-3
+TIMEOUT_S = 240
+
+
+def problem():
+    """(cfg, float64 params, full batches, dead mask): AuxK on, a strong lb term, and halves
+    shifted apart along a direction the router sees, so per-rank routing statistics differ."""
+    cfg = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=4, k=4, lb_coef=2.0, auxk_coef=0.5, k_aux=6)
+    rng = np.random.default_rng(7)
+    params = init_params(cfg, 7)
+    params["W_router"] *= 4.0
+    shift = 1.5 * params["W_router"][0] / np.linalg.norm(params["W_router"][0])
+    sign = np.repeat([1.0, -1.0], BATCH // WORLD)[:, None]  # rank 0 / rank 1 halves
+    batches = [rng.normal(size=(BATCH, cfg.d_in)) + sign * shift for _ in range(STEPS)]
+    return cfg, params, batches, rng.random(cfg.n_latents) < 0.4
+
+
+def train(backend, step, rank: int, world: int, count):
+    """STEPS steps on this rank's slice; AuxK (dead mask) on odd steps.  count(counter, out)
+    updates the dead-latent counter.  -> (params, losses, counter) as NumPy."""
+    cfg, params, batches, dead = problem()
+    params = {n: backend.asarray(p, "float32") for n, p in params.items()}
+    opt, counter, losses = adam_init(params, backend.xp), mx.zeros(cfg.n_latents), []
+    size = BATCH // world
+    for i, x in enumerate(batches):
+        local = backend.asarray(x[rank * size:(rank + 1) * size], "float32")
+        params, opt, out = step(params, opt, local, LR, backend.asarray(dead) if i % 2 else None)
+        counter = count(counter, out)
+        losses.append([float(out.losses[t]) for t in ("mse", "lb", "auxk", "total")])
+    return {n: np.array(p) for n, p in params.items()}, np.array(losses), np.array(counter)
+
+
+class NaiveDataParallel(MLXBackend):
+    """Averages per-rank gradients of per-rank losses (local f_i and total variance)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+        out, grads = super().loss_and_grads(params, x, cfg, dead_mask)
+        return out, average_gradients(grads, group=self.group)
+
+
+def worker(out_dir: Path) -> None:
+    group = mx.distributed.init(strict=True, backend="ring")
+    rank, world = group.rank(), group.size()
+    assert world == WORLD, f"launched with {world} processes, expected {WORLD}"
+    cfg = problem()[0]
+    backend, step = data_parallel_step(cfg, group)
+    def count(counter, out):
+        return backend.update_tokens_since_fired(counter, out.top_indices, out.top_values)
+
+    params, losses, counter = train(backend, step, rank, world, count)
+    naive = NaiveDataParallel(group)
+    naive_params = train(naive, naive.compile_step(functools.partial(train_step, naive, cfg)),
+                         rank, world, lambda c, out: c)[0]
+    np.savez(out_dir / f"rank{rank}.npz", losses=losses, counter=counter,
+             **params, **{f"naive_{n}": p for n, p in naive_params.items()})
+
+
+def single_process():
+    cfg = problem()[0]
+    backend = MLXBackend()
+    step = backend.compile_step(functools.partial(train_step, backend, cfg))
+    def count(counter, out):
+        return update_tokens_since_fired(counter, out.top_indices, out.top_values, backend)
+
+    return train(backend, step, 0, 1, count)
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 1 free (the ring backend listens on starting port + rank)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
+def _launcher() -> str:
+    beside = Path(sys.executable).with_name("mlx.launch")
+    found = str(beside) if beside.exists() else shutil.which("mlx.launch")
+    assert found, "mlx.launch (installed with mlx) not found beside the interpreter or on PATH"
+    return found
+
+
+def test_two_ring_processes_on_half_batches_equal_one_on_the_full_batch(tmp_path):
+    cmd = [_launcher(), "-n", str(WORLD), "--backend", "ring", "--starting-port", str(_free_port_pair()),
+           "--", sys.executable, str(Path(__file__).resolve()), str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, to kill on timeout
+    try:
+        log = proc.communicate(timeout=TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"mlx.launch did not finish in {TIMEOUT_S} s:\n{proc.communicate()[0]}")
+    ranks = [tmp_path / f"rank{r}.npz" for r in range(WORLD)]
+    assert all(p.exists() for p in ranks), f"a rank wrote no result (rc {proc.returncode}):\n{log}"
+    got = [dict(np.load(p)) for p in ranks]
+    params, losses, counter = single_process()
+
+    for name in params:  # the replicas never drift apart: identical all-reduced updates
+        np.testing.assert_array_equal(got[0][name], got[1][name], err_msg=f"ranks disagree on {name}")
+    np.testing.assert_allclose(got[0]["losses"], losses, rtol=1e-5, err_msg="full-batch losses")
+    np.testing.assert_array_equal(got[0]["counter"], counter, err_msg="dead-latent counter")
+    initial = problem()[1]
+    naive_gap = 0.0
+    for name, p in params.items():
+        bound = 1e-4 * STEPS * LR  # conformance float32 step tolerance on updates of <= STEPS * LR
+        H.assert_close(got[0][name] - initial[name], p - initial[name], "float32", f"update of {name}",
+                       scale=STEPS * LR)
+        naive_gap = max(naive_gap, float(np.max(np.abs(got[0][f"naive_{name}"] - p))) / bound)
+    assert naive_gap > 10, f"naive averaging is within {naive_gap:.1f}x tolerance: the test cannot tell"
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
