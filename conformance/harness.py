@@ -3,6 +3,8 @@ next to the NumPy float64 reference.  Tolerances per dtype are stated here, once
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from switchsae.backends import load_backend
@@ -52,16 +54,18 @@ def gradients(backend_name: str, case, dtype: str) -> dict:
 
 
 def trajectory(backend_name: str, case, dtype: str, steps: int, lr: float, seed: int = 0):
-    """`steps` shared train steps on fresh batches -> (per-step total loss, final params)."""
+    """`steps` shared train steps, compiled as the backend compiles them for training, on fresh
+    batches -> (per-step total loss, final params)."""
     backend = load_backend(backend_name)
     cfg = case.cfg.replace(dtype=dtype)
     params, _, dead = native(backend, case, dtype)
     opt = adam_init(params, backend.xp)
+    step = backend.compile_step(functools.partial(train_step, backend, cfg))
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
         batch = case.x + 0.3 * rng.normal(size=case.x.shape)
-        params, opt, out = train_step(backend, cfg, params, opt, backend.asarray(batch, dtype), lr, dead)
+        params, opt, out = step(params, opt, backend.asarray(batch, dtype), lr, dead)
         losses.append(float(to_np(backend, out.losses["total"])))
     return np.array(losses), {n: to_np(backend, p) for n, p in params.items()}
 

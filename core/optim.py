@@ -21,7 +21,8 @@ def adam_init(params: dict, xp) -> AdamState:
 
 def adam_update(params: dict, grads: dict, state: AdamState, lr, xp,
                 betas=(0.9, 0.999), eps: float = 1e-8):
-    """One Adam step: p -= lr * m_hat / (sqrt(v_hat) + eps).  -> (params, state)."""
+    """One Adam step: p -= lr * m_hat / (sqrt(v_hat) + eps).  -> (params, state).
+    Results keep each parameter's dtype (an array lr would otherwise promote bfloat16)."""
     b1, b2 = betas
     step = state.step + 1
     c1 = 1.0 - b1**step
@@ -29,9 +30,9 @@ def adam_update(params: dict, grads: dict, state: AdamState, lr, xp,
     new_params, new_m, new_v = {}, {}, {}
     for name, p in params.items():
         g = grads[name]
-        m = b1 * state.m[name] + (1.0 - b1) * g
-        v = b2 * state.v[name] + (1.0 - b2) * (g * g)
-        new_params[name] = p - lr * (m / c1) / (xp.sqrt(v / c2) + eps)
+        m = xp.astype(b1 * state.m[name] + (1.0 - b1) * g, state.m[name].dtype)
+        v = xp.astype(b2 * state.v[name] + (1.0 - b2) * (g * g), state.v[name].dtype)
+        new_params[name] = xp.astype(p - lr * (m / c1) / (xp.sqrt(v / c2) + eps), p.dtype)
         new_m[name], new_v[name] = m, v
     return new_params, AdamState(step, new_m, new_v)
 

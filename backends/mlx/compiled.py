@@ -1,14 +1,12 @@
 """`mx.compile` for the shared train step (`switchsae.core.train_step.train_step`).
 
 `mx.compile` treats Python numbers as constants and retraces whenever one changes, so the Adam
-step count and the learning rate enter the compiled graph as MLX scalars (int32, float32).
-Those scalars would promote bfloat16 parameters and moments to float32 in `core.optim`, so the
-compiled step casts its results back to the dtypes it was given."""
+step count and the learning rate enter the compiled graph as MLX scalars (int32, float32);
+`core.optim` keeps bfloat16 parameters and moments bfloat16 despite the float32 lr."""
 
 from __future__ import annotations
 
 import mlx.core as mx
-from switchsae.core.optim import AdamState
 
 
 def compile_train_step(step_fn):
@@ -17,13 +15,7 @@ def compile_train_step(step_fn):
     signature running one compiled graph per (shapes, dtypes, dead_mask given or not).
     opt_state.step may be a Python int (as `adam_init` makes it); it comes back an int32 array."""
 
-    def pinned(params, opt_state, x, lr, dead_mask):
-        new_params, new_state, out = step_fn(params, opt_state, x, lr, dead_mask)
-        new_state = AdamState(new_state.step, _cast_like(new_state.m, opt_state.m),
-                              _cast_like(new_state.v, opt_state.v))
-        return _cast_like(new_params, params), new_state, out
-
-    compiled = mx.compile(pinned)
+    compiled = mx.compile(step_fn)
 
     def step(params, opt_state, x, lr, dead_mask=None):
         if not isinstance(opt_state.step, mx.array):
@@ -34,6 +26,3 @@ def compile_train_step(step_fn):
 
     return step
 
-
-def _cast_like(new: dict, old: dict) -> dict:
-    return {name: a.astype(old[name].dtype) for name, a in new.items()}

@@ -1,0 +1,105 @@
+"""`switchsae inspect CKPT`: build the feature browser of a checkpoint.
+
+    switchsae inspect runs/a                     # Python's docs through MiniLM-L6 (as in training)
+    switchsae inspect runs/a --text corpus.txt --out browser --max-tokens 50000
+
+The text, model and layer default to those the checkpoint was trained on (its trainer
+state), else to the built-in default: Python's docs through the packaged MiniLM-L6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .geometry import MAP_METHODS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `inspect` options, on `p` (its own parser or a `switchsae` subcommand's)."""
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint or training run directory")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: CKPT/browser for a run "
+                   "directory, else CKPT-browser beside the checkpoint)")
+    g = p.add_argument_group("data (default: what the checkpoint was trained on, else Python's docs "
+                             "through the packaged MiniLM-L6)")
+    g.add_argument("--text", metavar="FILE", help="text file to harvest (paragraphs, or .jsonl 'text' fields)")
+    g.add_argument("--model", metavar="PATH", help="local transformers model directory")
+    g.add_argument("--layer", type=int, help="hidden-state index to harvest (0 = embeddings)")
+    g.add_argument("--max-texts", type=int, metavar="N", help="use only the first N texts")
+    g.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens")
+    s = p.add_argument_group("site")
+    s.add_argument("--contexts", type=int, default=10, metavar="N", help="top contexts per feature (default 10)")
+    s.add_argument("--neighbours", type=int, default=5, metavar="N",
+                   help="nearest features in other experts (default 5)")
+    s.add_argument("--map", choices=MAP_METHODS, default="auto",
+                   help="2-D map of decoder directions: pca, umap, or auto = umap if installed (default)")
+    p.add_argument("--backend", help="numpy, torch, jax or mlx (default: the active backend)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="switchsae inspect", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def _trained_on(path) -> dict:
+    """The data description a `switchsae train` checkpoint records (empty if none)."""
+    from switchsae.checkpoint import STATE_FILE, resolve
+
+    state = resolve(path) / STATE_FILE
+    return (json.loads(state.read_text()).get("data_spec") or {}) if state.is_file() else {}
+
+
+def _default_out(path: Path) -> Path:
+    return path / "browser" if (path / "checkpoints").is_dir() else path.with_name(path.name + "-browser")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the site for parsed `args`; -> exit status."""
+    from switchsae import get_backend
+    from switchsae.checkpoint import load
+    from switchsae.data import DEFAULT_LAYER, DataError, read_texts
+
+    from .collect import collect
+    from .site import build_site
+
+    sae = load(args.checkpoint, backend=get_backend(args.backend))
+    spec = _trained_on(args.checkpoint)
+    text = args.text or spec.get("text")
+    if spec.get("shards") and not args.text:
+        raise DataError(f"{args.checkpoint} was trained on activation shards, which hold no text: pass "
+                        "--text FILE (with --model / --layer of the model that made them)")
+    model = args.model or spec.get("model")
+    layer = args.layer if args.layer is not None else spec.get("layer", DEFAULT_LAYER)
+    corpus = collect(model, read_texts(text) if text else None, layer, max_texts=args.max_texts,
+                     max_tokens=args.max_tokens, progress=not args.no_progress)
+    source = f"{text or 'Python docs (pydoc_data.topics)'} through {model or 'MiniLM-L6'} layer {layer}"
+    out = Path(args.out) if args.out else _default_out(Path(args.checkpoint))
+    index = build_site(sae, corpus, out, n_contexts=args.contexts, n_neighbours=args.neighbours,
+                       map_method=args.map, source=source)
+    print(f"feature browser of {sae!r} on {len(corpus.tokens)} tokens of {source}: {index.resolve()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point: `switchsae inspect` arguments -> exit status (2 on a usage or data error)."""
+    from switchsae.backends import BackendError
+    from switchsae.checkpoint import CheckpointError
+    from switchsae.core.config import ConfigError
+    from switchsae.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (BackendError, CheckpointError, ConfigError, DataError, ValueError, FileExistsError) as e:
+        print(f"switchsae inspect: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
