@@ -99,8 +99,9 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return texts
 
 
-def _load(model_path, device: str):
-    """(tokenizer, model) loaded offline from a local directory, in eval mode on ``device``."""
+def load_model(model_path=None, device: str = "cpu"):
+    """(tokenizer, model) loaded offline from a local directory (default MiniLM-L6), in eval
+    mode on ``device``; the tokenizer pads on the right."""
     path = Path(default_model_path() if model_path is None else model_path)
     if not (path / "config.json").is_file():
         raise DataError(f"model_path {path} is not a local transformers model directory (no config.json)")
@@ -124,6 +125,14 @@ def _check_texts(texts) -> list[str]:
     return list(texts)
 
 
+def transformer_blocks(model):
+    """The ModuleList of a transformers model's num_hidden_layers blocks, or None."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+
+
 class _Stop(Exception):
     """Raised by the early-exit hook once the wanted layer's input has been captured."""
 
@@ -131,10 +140,9 @@ class _Stop(Exception):
 def _hidden(model, enc, layer: int, early_exit: bool):
     """``hidden_states[layer]`` (batch, seq, d_model). With ``early_exit`` and ``layer`` below the
     last block, it is captured as the input of block ``layer`` and later blocks are skipped."""
-    import torch
 
     n = model.config.num_hidden_layers
-    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+    blocks = transformer_blocks(model)
     if early_exit and layer < n and blocks is not None:
         got = []
 
@@ -173,7 +181,7 @@ def harvest(model_path: str | os.PathLike | None = None, texts: Sequence[str] | 
     texts = _check_texts(texts)[:max_texts]
     if batch_size < 1 or max_length < 2:
         raise DataError(f"need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
-    tok, model = _load(model_path, device)
+    tok, model = load_model(model_path, device)
     import torch
     from tqdm.auto import tqdm
 

@@ -1,0 +1,1 @@
+"""Reproducible experiments (run from the repository root: `python -m experiments.paper`)."""
