@@ -68,6 +68,10 @@ class Backend:
         """Wrap a pure train-step function for speed (jit); identity by default."""
         return step_fn
 
+    def compile_forward(self, forward_fn):
+        """Wrap a pure forward function (params, x, dead_mask=None) for speed; identity by default."""
+        return forward_fn
+
     def block_until_ready(self, tree):
         """Wait for the asynchronous work that produces `tree` (timing); no-op by default."""
         return tree
