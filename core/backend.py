@@ -64,6 +64,14 @@ class Backend:
         """-> (ForwardOutput, grads: dict name -> array like params)."""
         raise NotImplementedError
 
+    def update(self, params: dict, grads: dict, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """The optimiser half of the train step (`core.train_step.apply_update`).  A backend may
+        fuse it and update in place (arguments donated): callers use the returned values.
+        -> (params, opt_state)."""
+        from .train_step import apply_update
+
+        return apply_update(self.xp, params, grads, opt_state, lr, max_grad_norm, betas)
+
     def compile_step(self, step_fn):
         """Wrap a pure train-step function for speed (jit); identity by default."""
         return step_fn

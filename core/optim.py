@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+CLIP_EPS = 1e-6  # added to the global norm before dividing, as torch.nn.utils.clip_grad_norm_
+
 
 class AdamState(NamedTuple):
     """step: scalar int count of updates; m, v: dicts of first/second moments like params."""
@@ -44,5 +46,5 @@ def global_norm(grads: dict, xp):
 def clip_by_global_norm(grads: dict, max_norm: float, xp) -> dict:
     """Scale all gradients by min(1, max_norm / ||g||), as torch.nn.utils.clip_grad_norm_."""
     norm = global_norm(grads, xp)
-    scale = xp.minimum(max_norm / (norm + 1e-6), xp.ones_like(norm))
+    scale = xp.minimum(max_norm / (norm + CLIP_EPS), xp.ones_like(norm))
     return {name: g * scale for name, g in grads.items()}

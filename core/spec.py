@@ -54,7 +54,7 @@ class Trace(NamedTuple):
 
 class Encoding(NamedTuple):
     """The encoder half of the forward pass.  probs: (batch, N); experts, gates: (batch, e);
-    pre: (batch, e*m); candidates: (batch, e*m) gated activations; cand_indices: (batch,
+    pre, acts: (batch, e*m) pre-activations and their relu; cand_indices: (batch,
     k_routed) kept candidate positions; top_values, top_indices: (batch, k) kept values and
     global ids, routed first, then the shared expert's; shared_pre: (batch, m_s) and
     shared_indices: (batch, shared_k) local ids (None without a shared expert)."""
@@ -64,7 +64,7 @@ class Encoding(NamedTuple):
     gates: object
     x_centered: object
     pre: object
-    candidates: object
+    acts: object
     cand_indices: object
     top_values: object
     top_indices: object
@@ -83,15 +83,15 @@ def encode(params: dict, x, cfg, backend) -> Encoding:
     pre = xp.concat([backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, j])
                      for j in range(e)], axis=-1) if e > 1 else \
         backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, 0])
-    candidates = _gated(xp.maximum(pre, xp.zeros_like(pre)), gates, m, xp)
-    top_values, cand_indices = backend.topk(candidates, cfg.routed_k)
+    acts = _relu(pre, xp)
+    top_values, cand_indices = _gated_topk(acts, gates, cfg.routed_k, m, backend)
     top_indices = _global_ids(cand_indices, experts, m, xp)
     shared_pre = shared_indices = None
     if cfg.shared_latents:
         shared_pre, shared_values, shared_indices = _shared_encode(params, x_centered, cfg, backend)
         top_values = xp.concat([top_values, shared_values], axis=-1)
         top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
-    return Encoding(probs, experts, gates, x_centered, pre, candidates, cand_indices,
+    return Encoding(probs, experts, gates, x_centered, pre, acts, cand_indices,
                     top_values, top_indices, shared_pre, shared_indices)
 
 
@@ -109,7 +109,7 @@ def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
     mse = L.mse_loss(x, x_hat, xp)
     lb = L.load_balance_loss(enc.probs, experts, xp)
     total = mse + cfg.lb_weight * lb
-    aux = _auxk(x, x_hat, enc.candidates, experts, W_dec_flat, cfg, backend, dead_mask)
+    aux = _auxk(x, x_hat, enc.acts, enc.gates, experts, W_dec_flat, cfg, backend, dead_mask)
     if aux is None:
         auxk = xp.zeros_like(mse)
         aux = (None, None, None)
@@ -137,12 +137,21 @@ def _gates(probs, experts, router_scale, xp):
     return xp.ones_like(chosen) if router_scale == "hard" else chosen
 
 
-def _gated(acts, gates, m, xp):
-    """acts: (batch, e*m) * each slot's gate -> (batch, e*m)."""
+def _relu(pre, xp):
+    return xp.where(pre > 0, pre, xp.zeros_like(pre))
+
+
+def _gated_topk(acts, gates, k, m, backend):
+    """The k largest gated candidates gate_j * acts_j.  acts: (batch, e*m); gates: (batch, e)
+    -> values (gated), candidate positions: (batch, k).  With one expert the gate is a
+    positive per-token scalar, so it is applied to the k kept values only."""
+    xp = backend.xp
     batch, e = gates.shape
     if e == 1:
-        return acts * gates
-    return xp.reshape(xp.reshape(acts, (batch, e, m)) * gates[:, :, None], (batch, e * m))
+        kept, positions = backend.topk(acts, k)
+        return kept * gates, positions
+    gated = xp.reshape(xp.reshape(acts, (batch, e, m)) * gates[:, :, None], (batch, e * m))
+    return backend.topk(gated, k)
 
 
 def _global_ids(cand_indices, experts, m, xp):
@@ -161,11 +170,11 @@ def _shared_encode(params, x_centered, cfg, backend):
     pre = x_centered @ params["W_enc_shared"]
     if "b_enc_shared" in params:
         pre = pre + params["b_enc_shared"]
-    values, indices = backend.topk(xp.maximum(pre, xp.zeros_like(pre)), cfg.shared_k)
+    values, indices = backend.topk(_relu(pre, xp), cfg.shared_k)
     return pre, values, indices
 
 
-def _auxk(x, x_hat, candidates, experts, W_dec_flat, cfg, backend, dead_mask):
+def _auxk(x, x_hat, acts, gates, experts, W_dec_flat, cfg, backend, dead_mask):
     """AuxK term, or None when off: the top k_aux dead latents among each token's routed
     candidates reconstruct the detached residual x - x_hat (gated like the main decode)."""
     if dead_mask is None or cfg.auxk_coef == 0:
@@ -175,8 +184,8 @@ def _auxk(x, x_hat, candidates, experts, W_dec_flat, cfg, backend, dead_mask):
     routed_dead = xp.reshape(dead_mask[:cfg.n_latents], (cfg.n_experts, m))
     dead_local = xp.concat([xp.take(routed_dead, experts[:, j], axis=0) for j in range(e)], axis=-1) \
         if e > 1 else xp.take(routed_dead, experts[:, 0], axis=0)
-    dead_candidates = xp.where(dead_local, candidates, xp.zeros_like(candidates))
-    aux_values, aux_cand = backend.topk(dead_candidates, cfg.aux_k)
+    dead_acts = xp.where(dead_local, acts, xp.zeros_like(acts))
+    aux_values, aux_cand = _gated_topk(dead_acts, gates, cfg.aux_k, m, backend)
     aux_recon = backend.decode(aux_values, _global_ids(aux_cand, experts, m, xp), W_dec_flat)
     residual = backend.stop_gradient(x - x_hat)
     n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))

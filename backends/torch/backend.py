@@ -1,0 +1,102 @@
+"""PyTorch backend: the spec on torch tensors with fast hooks and autograd gradients.
+
+Hooks: grouped-GEMM expert dispatch with a sparse backward (`encode`), sparse gather decode with a
+sparse backward (`decode`), `torch.topk` with the spec's tie rule, and an in-place fused optimiser
+step (`update`).
+Arrays live on `select_device()`: $SWITCHSAE_DEVICE, else CUDA when present, else CPU."""
+
+from __future__ import annotations
+
+import array_api_compat.torch as torch_xp
+import numpy as np
+import torch
+from switchsae.core.backend import Backend
+from switchsae.core.spec import ForwardOutput, forward
+
+from .decode import decode as sparse_decode
+from .device import select_device
+from .encode import encode as expert_encode
+from .encode import latent_major
+from .optim import fused_update
+from .topk import topk_lowest_index_ties
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    xp = torch_xp
+    extra = "torch"
+    dtypes = ("float32", "bfloat16", "float16", "float64")
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = select_device(str(device) if device is not None else None)
+
+    # -- arrays ---------------------------------------------------------------------------
+    def asarray(self, a, dtype=None):
+        """NumPy array, tensor, scalar or nested list -> tensor on self.device."""
+        target = self.dtype(dtype) if dtype is not None else None
+        if not isinstance(a, torch.Tensor):
+            a = np.asarray(a)
+            if a.dtype.kind not in "biuf":
+                raise TypeError(f"cannot make a torch tensor from a NumPy array of dtype {a.dtype}")
+            a = torch.from_numpy(np.ascontiguousarray(a))
+        return a.to(device=self.device, dtype=target)
+
+    def to_numpy(self, a):
+        a = a.detach().cpu()
+        if a.dtype == torch.bfloat16:
+            a = a.float()
+        return a.numpy()
+
+    def scatter_add(self, target, indices, values):
+        return target.index_add(0, indices, values)
+
+    def stop_gradient(self, a):
+        return a.detach()
+
+    # -- spec hooks ---------------------------------------------------------------------------
+    def topk(self, acts, k):
+        """torch.topk, with the spec's lowest-index rule for ties (see topk.py)."""
+        return topk_lowest_index_ties(acts, k)
+
+    def encode(self, x_centered, W_enc, b_enc, expert):
+        return expert_encode(x_centered, W_enc, b_enc, expert)
+
+    def decode(self, values, indices, W_dec_flat):
+        return sparse_decode(values, indices, W_dec_flat)
+
+    # -- training -----------------------------------------------------------------------------
+    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+        """Autograd through core.spec.forward with this backend's hooks."""
+        names = list(params)
+        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        with torch.enable_grad():
+            out = forward(leaves, x, cfg, self, dead_mask)
+            grads = torch.autograd.grad(out.losses["total"], [leaves[n] for n in names])
+        out = ForwardOutput(
+            out.x_hat.detach(), out.expert, out.router_probs.detach(), out.top_values.detach(),
+            out.top_indices, {name: v.detach() for name, v in out.losses.items()},
+        )
+        return out, dict(zip(names, grads))
+
+    def update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """clip -> drop decoder-parallel gradient -> Adam -> renormalise decoder, fused and IN
+        PLACE: params, grads and opt_state's moments are overwritten.  -> (params, opt_state).
+
+        The returned W_enc (and its moments) are `latent_major`: same shape and values, strides
+        that spare the encoder backward two transposed copies per step (set on the first call)."""
+        if "W_enc" in params:  # the gradient and moments follow the parameter's layout
+            params = dict(params, W_enc=latent_major(params["W_enc"]))
+        return fused_update(params, grads, opt_state, lr, max_grad_norm, betas)
+
+    def block_until_ready(self, tree):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return tree
+
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return str(self.device)
+
+    def __repr__(self) -> str:
+        return f"<switchsae backend 'torch' on {self.device}>"

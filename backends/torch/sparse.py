@@ -1,0 +1,154 @@
+"""Sparse products over a pattern of (row, col) entries: the kernels behind the sparse decode and
+the sparse encoder backward.  Neither ever forms the dense (rows, cols) matrix.
+
+A `Pattern` lists nnz entries (rows[j], cols[j]) in ascending row order; row r owns entries
+row_ptr[r]:row_ptr[r+1].  With weights w (nnz,), a table (n_cols, d) and src (n_rows, d):
+
+  gather_sum(p, w, table)  -> (n_rows, d):  out[r] = sum_{j in r} w[j] table[cols[j]]
+  sampled_dot(p, src, table) -> (nnz,):     out[j] = <src[rows[j]], table[cols[j]]>
+  scatter_outer(p, w, src) -> (n_cols, d):  out[c] = sum_{j: cols[j]=c} w[j] src[rows[j]]
+
+scatter_outer is gather_sum over the transposed pattern (entries sorted by column): no atomics,
+so it is deterministic, and it runs embedding_bag's fast kernel on CPU.
+
+CUDA tensors of 16/32-bit floats use the Triton kernels when triton imports; everything else uses
+embedding_bag and torch's CSR SDDMM, computing in float32 for 16-bit inputs."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Pattern(NamedTuple):
+    """rows, cols: (nnz,) int64, rows ascending; row_ptr: (n_rows + 1,) int64; n_cols: int."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_ptr: torch.Tensor
+    n_cols: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_ptr.shape[0] - 1
+
+
+def fixed_pattern(indices: torch.Tensor, n_cols: int) -> Pattern:
+    """indices: (n_rows, k) -> the pattern with row r holding cols indices[r, :] (in that order)."""
+    n_rows, k = indices.shape
+    device = indices.device
+    rows = torch.arange(n_rows, device=device).repeat_interleave(k)
+    row_ptr = torch.arange(0, n_rows * k + 1, k, device=device)
+    return Pattern(rows, indices.reshape(-1).to(torch.int64), row_ptr, n_cols)
+
+
+def row_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> Pattern:
+    """Entries given as ascending rows (nnz,) and their cols (nnz,)."""
+    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(counts(rows, n_rows), 0, out=row_ptr[1:])
+    return Pattern(rows, cols, row_ptr, n_cols)
+
+
+def counts(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64: how often each of 0..n-1 occurs in index (bincount with a static shape, so
+    torch.compile needs no graph break)."""
+    out = torch.zeros(n, dtype=torch.int64, device=index.device)
+    return out.index_add_(0, index, torch.ones_like(index, dtype=torch.int64))
+
+
+# -- dispatch -----------------------------------------------------------------------------
+
+@functools.cache
+def _triton_kernels():
+    """The Triton module, or None when triton is not importable."""
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # they accumulate in float32
+
+
+def _impl(t: torch.Tensor):
+    if t.is_cuda and t.dtype in _TRITON_DTYPES and _triton_kernels() is not None:
+        return _triton_kernels()
+    return _TorchImpl
+
+
+def gather_sum(p: Pattern, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """-> (n_rows, d) in table's dtype: out[r] = sum_{j in row r} weights[j] * table[cols[j]]."""
+    return torch.ops.switchsae.gather_sum(*p, weights, table)
+
+
+def sampled_dot(p: Pattern, src: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """-> (nnz,) in src's dtype: out[j] = <src[rows[j]], table[cols[j]]>."""
+    return torch.ops.switchsae.sampled_dot(*p, src, table)
+
+
+# custom ops: opaque to torch.compile (no graph break, no tracing into sparse tensors or Triton)
+@torch.library.custom_op("switchsae::gather_sum", mutates_args=())
+def _gather_sum_op(rows: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, n_cols: int,
+                   weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return _impl(table).gather_sum(Pattern(rows, cols, row_ptr, n_cols), weights, table)
+
+
+@_gather_sum_op.register_fake
+def _(rows, cols, row_ptr, n_cols, weights, table):
+    return table.new_empty((row_ptr.shape[0] - 1, table.shape[1]))
+
+
+@torch.library.custom_op("switchsae::sampled_dot", mutates_args=())
+def _sampled_dot_op(rows: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, n_cols: int,
+                    src: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return _impl(table).sampled_dot(Pattern(rows, cols, row_ptr, n_cols), src, table)
+
+
+@_sampled_dot_op.register_fake
+def _(rows, cols, row_ptr, n_cols, src, table):
+    return src.new_empty(cols.shape)
+
+
+def scatter_outer(p: Pattern, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """-> (n_cols, d) in src's dtype: out[c] = sum_{j: cols[j] = c} weights[j] * src[rows[j]]."""
+    order = torch.argsort(p.cols, stable=True)
+    by_col = row_pattern(p.cols[order], p.rows[order], p.n_cols, p.n_rows)
+    return gather_sum(by_col, weights[order], src)
+
+
+# -- torch implementation -------------------------------------------------------------------
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: float32 for 16-bit floats (embedding_bag and the CSR
+    kernels accumulate in their input dtype, so 16-bit inputs are widened first)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _csr(row_ptr, cols, values, size) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(row_ptr, cols, values, size=size, check_invariants=False)
+
+
+class _TorchImpl:
+    """embedding_bag (gather_sum) and CSR SDDMM (sampled_dot)."""
+
+    @staticmethod
+    def gather_sum(p, weights, table):
+        dt = accumulation_dtype(table.dtype)
+        out = F.embedding_bag(p.cols, table.to(dt), p.row_ptr[:-1], mode="sum",
+                              per_sample_weights=weights.to(dt))
+        return out.to(table.dtype)
+
+    @staticmethod
+    def sampled_dot(p, src, table):
+        dt = accumulation_dtype(src.dtype)
+        mask = _csr(p.row_ptr, p.cols, torch.zeros(p.cols.shape[0], dtype=dt, device=src.device),
+                    (p.n_rows, p.n_cols))
+        dots = torch.sparse.sampled_addmm(mask, src.to(dt), table.to(dt).mT, beta=0.0)
+        return dots.values().to(src.dtype)

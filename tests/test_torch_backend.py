@@ -1,0 +1,374 @@
+"""The PyTorch backend: forward and gradients against the NumPy float64 reference (float64 runs the
+grouped-matmul fallback, float32 the native grouped GEMM), its fast paths against their dense
+definitions, the tie rule of its TopK, the fused in-place optimiser step against core's, and a
+proof that a train step never allocates a (batch, n_latents) or (batch, N, m) tensor.
+
+The conformance suite (`pytest conformance`) covers float32/bfloat16 on every case and the
+shared train step; here the same cases also run in float64, plus what only torch has.
+
+Tolerances: float64 -- the harness's 1e-9 (only summation order differs: grouped matmuls, CSR
+products); float32 vs the float64 reference -- the harness's 1e-4 (eps 1.2e-7 over sums of
+<= 64 terms); float32 fast path vs its float32 definition on the same inputs -- 1e-5 of the
+result's scale (~100x eps: summation order only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from switchsae.backends import load_backend
+from switchsae.backends.torch import Backend as TorchBackend
+from switchsae.backends.torch import dispatch, sparse
+from switchsae.backends.torch.decode import SparseDecode
+from switchsae.backends.torch.device import DeviceError, select_device
+from switchsae.backends.torch.encode import ExpertEncode
+from switchsae.conformance import harness as H
+from switchsae.conformance.cases import build
+from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
+from switchsae.core.backend import Backend as ReferenceHooks
+from switchsae.core.constraints import DECODERS, normalize_decoder, remove_parallel_grad
+from switchsae.core.optim import adam_update, clip_by_global_norm
+from switchsae.core.topk import topk_reference
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+be = load_backend("torch")
+FAST_RTOL = 1e-5
+REFERENCE_CASES = ["base", "empty_expert", "one_expert", "k_equals_m", "single_expert",
+                   "encoder_bias", "hard_router", "auxk", "ties", "two_experts_per_token",
+                   "shared_expert"]
+
+
+def np_(a):
+    return np.asarray(be.to_numpy(a), dtype=np.float64)
+
+
+def assert_fast(actual, expected, what, rtol=FAST_RTOL):
+    expected = np_(expected)
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    err = float(np.max(np.abs(np_(actual) - expected))) if expected.size else 0.0
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+# -- against the NumPy reference ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def references():
+    return {}
+
+
+def _reference(references, name):
+    if name not in references:
+        c = build(name)
+        ref = H.forward("numpy", c, "float64")
+        ref["grads"] = H.gradients("numpy", c, "float64")
+        references[name] = (c, ref)
+    return references[name]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+def test_forward_and_gradients_match_numpy(references, name, dtype):
+    c, ref = _reference(references, name)
+    got = H.forward("torch", c, dtype)
+    np.testing.assert_array_equal(got["expert"], ref["expert"], err_msg="chosen experts")
+    np.testing.assert_array_equal(got["top_indices"], ref["top_indices"], err_msg="TopK ids (ties: lower first)")
+    for field in ("x_hat", "router_probs", "top_values"):
+        H.assert_close(got[field], ref[field], dtype, field)
+    for term, value in ref["losses"].items():
+        H.assert_close(got["losses"][term], value, dtype, f"loss {term}", scale=abs(value) + 1e-6)
+    grads = H.gradients("torch", c, dtype)
+    floor = 1e-2 * max(float(np.max(np.abs(g))) for g in ref["grads"].values())  # as conformance
+    for pname, g_ref in ref["grads"].items():
+        H.assert_close(grads[pname], g_ref, dtype, f"grad {pname}", scale=max(float(np.max(np.abs(g_ref))), floor))
+
+
+def test_cases_exercise_the_edge_they_name(references):
+    """The empty-expert case really leaves an expert without tokens, one_expert really sends
+    every token to one expert, and float32 really takes the native grouped GEMM."""
+    c, ref = _reference(references, "empty_expert")
+    assert 3 not in set(ref["expert"].tolist())
+    c, ref = _reference(references, "one_expert")
+    assert set(ref["expert"].tolist()) == {0}
+    x = be.asarray(c.x, "float32")
+    assert dispatch.grouped_mm_supported(x, be.asarray(c.params["W_enc"], "float32"))
+    assert not dispatch.grouped_mm_supported(be.asarray(c.x), be.asarray(c.params["W_enc"]))  # float64
+
+
+# -- dispatch: native grouped GEMM vs fallback ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_fast_path_equals_fallback(dtype):
+    g = torch.Generator().manual_seed(0)
+    T, d, n, m = 40, 16, 5, 8
+    x = torch.randn(T, d, generator=g).to(dtype)
+    W = torch.randn(n, d, m, generator=g).to(dtype)
+    ends = torch.tensor([7, 7, 20, 40, 40], dtype=torch.int32)  # experts 1 and 4 get no tokens
+    assert dispatch.grouped_mm_supported(x, W)
+    fast = dispatch.grouped_matmul(x, W, ends)
+    loop = dispatch.grouped_matmul_loop(x, W, ends)
+    # bfloat16: both round one fp32-accumulated product to bfloat16 -> at most 1 ulp apart
+    assert_fast(fast.float(), loop.float(), f"grouped matmul {dtype}", rtol=FAST_RTOL if dtype == torch.float32 else 2**-7)
+    starts = [0, 7, 7, 20, 40]
+    dense = torch.cat([x[s:e].double() @ W[i].double() for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
+    assert_fast(fast.float(), dense, "grouped matmul vs definition", rtol=1e-5 if dtype == torch.float32 else 2**-6)
+
+
+def test_unaligned_shapes_take_the_fallback():
+    x, W = torch.randn(9, 7), torch.randn(3, 7, 5)  # 7 * 4 bytes: not 16-byte aligned
+    assert not dispatch.grouped_mm_supported(x, W)
+    ends = torch.tensor([2, 2, 9], dtype=torch.int32)
+    want = torch.cat([x[:2] @ W[0], x[2:] @ W[2]])
+    assert_fast(dispatch.grouped_matmul(x, W, ends), want, "fallback")
+
+
+def test_route_sorts_stably_and_counts():
+    expert = torch.tensor([2, 0, 2, 1, 0, 2])
+    r = dispatch.route(expert, 4)
+    assert r.perm.tolist() == [1, 4, 3, 0, 2, 5]
+    assert r.ends.tolist() == [2, 3, 6, 6] and r.ends.dtype == torch.int32
+
+
+# -- sparse products vs their dense definitions ------------------------------------------
+
+def _pattern_case(dtype):
+    g = torch.Generator().manual_seed(1)
+    n_rows, n_cols, d = 7, 9, 5
+    rows = torch.tensor([0, 0, 0, 2, 2, 3, 5, 5])  # rows 1, 4 and the last, 6, empty
+    cols = torch.tensor([4, 1, 8, 4, 0, 4, 1, 7])  # col 4 three times: duplicates accumulate
+    p = sparse.row_pattern(rows, cols, n_rows, n_cols)
+    dense = torch.zeros(n_rows, n_cols, dtype=torch.float64)
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    dense[rows, cols] = w
+    table = torch.randn(n_cols, d, generator=g, dtype=torch.float64)
+    src = torch.randn(n_rows, d, generator=g, dtype=torch.float64)
+    return p, dense, w.to(dtype), table.to(dtype), src.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_products_equal_dense_definitions(dtype):
+    p, dense, w, table, src = _pattern_case(dtype)
+    rtol = 1e-12 if dtype == torch.float64 else FAST_RTOL
+    assert_fast(sparse.gather_sum(p, w, table), dense @ table.double(), "gather_sum", rtol)
+    dots = (src.double() @ table.double().T)[p.rows, p.cols]
+    assert_fast(sparse.sampled_dot(p, src, table), dots, "sampled_dot", rtol)
+    assert_fast(sparse.scatter_outer(p, w, src), dense.T @ src.double(), "scatter_outer", rtol)
+
+
+def test_fixed_pattern_keeps_row_order():
+    p = sparse.fixed_pattern(torch.tensor([[5, 2], [0, 5], [3, 1]]), 7)
+    assert p.rows.tolist() == [0, 0, 1, 1, 2, 2] and p.cols.tolist() == [5, 2, 0, 5, 3, 1]
+    assert p.row_ptr.tolist() == [0, 2, 4, 6] and p.n_rows == 3
+
+
+# -- the autograd Functions: gradcheck in float64 -----------------------------------------
+
+def test_expert_encode_gradcheck_and_definition():
+    g = torch.Generator().manual_seed(2)
+    T, d, n, m = 7, 4, 3, 5
+    x = torch.randn(T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(n, d, m, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, m, generator=g, dtype=torch.float64, requires_grad=True)
+    expert = torch.tensor([2, 0, 2, 2, 0, 2, 0])  # expert 1 idle
+    want = torch.einsum("td,tdm->tm", x, W[expert]) + b[expert]
+    assert_fast(ExpertEncode.apply(x, W, b, expert), want.detach(), "encode forward", 1e-12)
+    assert torch.autograd.gradcheck(lambda x, W, b: ExpertEncode.apply(x, W, b, expert), (x, W, b))
+    assert torch.autograd.gradcheck(lambda x, W: ExpertEncode.apply(x, W, None, expert), (x, W))
+    grads = torch.autograd.grad(ExpertEncode.apply(x, W, b, expert), (x, W, b), torch.zeros(T, m))
+    assert all(not g.any() for g in grads), "a zero upstream gradient (no entries) gives zeros"
+
+
+def test_sparse_decode_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[1, 6, 2], [6, 0, 7], [3, 1, 6], [0, 2, 4], [5, 6, 1]])
+    assert torch.autograd.gradcheck(lambda v, t: SparseDecode.apply(v, indices, t), (values, table))
+
+
+# -- TopK tie rule ------------------------------------------------------------------------
+
+def test_topk_breaks_ties_towards_lower_index_like_the_spec():
+    rng = np.random.default_rng(4)
+    import array_api_compat.numpy as np_xp
+
+    for _ in range(100):
+        T, n = rng.integers(1, 6), rng.integers(1, 14)
+        k = int(rng.integers(1, n + 1))
+        acts = rng.integers(0, 4, size=(T, n)).astype(np.float32)  # many ties, many zeros
+        values, indices = be.topk(torch.from_numpy(acts), k)
+        want_v, want_i = topk_reference(acts, k, np_xp)
+        np.testing.assert_array_equal(indices.numpy(), want_i, err_msg=f"{acts} k={k}")
+        np.testing.assert_array_equal(values.numpy(), want_v)
+
+
+def test_topk_values_carry_gradient():
+    acts = torch.tensor([[0.5, 2.0, 2.0, 1.0]], requires_grad=True)
+    values, indices = be.topk(acts, 2)
+    assert indices.tolist() == [[1, 2]]
+    values.sum().backward()
+    assert acts.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]
+
+
+# -- fused optimiser step vs core's ---------------------------------------------------------
+
+def _core_update(params, grads, state, lr, max_grad_norm, xp):
+    """core.train_step's optimiser half, op for op."""
+    if max_grad_norm is not None:
+        grads = clip_by_global_norm(grads, max_grad_norm, xp)
+    decoders = [n for n in DECODERS if n in params]
+    grads = dict(grads, **{n: remove_parallel_grad(grads[n], params[n], xp) for n in decoders})
+    params, state = adam_update(params, grads, state, lr, xp)
+    return dict(params, **{n: normalize_decoder(params[n], xp) for n in decoders}), state
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-6)])
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-2, 1e6])
+def test_fused_update_equals_core_update(dtype, rtol, max_grad_norm):
+    """Three steps, gradients large enough that clipping acts at 1e-2 and not at 1e6; a shared
+    expert so both decoders are projected and renormalised.  float32 tolerance: the fused Adam
+    divides by 1/scale where core multiplies by scale, plus a different reduction order."""
+    cfg = SwitchSAEConfig(d_in=8, n_latents=24, n_experts=3, k=3, shared_latents=4, shared_k=1,
+                          encoder_bias=True)
+    rng = np.random.default_rng(5)
+    params = {n: be.asarray(p, dtype) for n, p in init_params(cfg, 0).items()}
+    ref_params = {n: p.clone() for n, p in params.items()}
+    state, ref_state = adam_init(params, be.xp), adam_init(ref_params, be.xp)
+    for _ in range(3):
+        grads = {n: be.asarray(rng.normal(size=p.shape), dtype) for n, p in params.items()}
+        ref_grads = {n: g.clone() for n, g in grads.items()}
+        ref_params, ref_state = _core_update(ref_params, ref_grads, ref_state, 1e-2, max_grad_norm, be.xp)
+        params, state = be.update(params, grads, state, 1e-2, max_grad_norm)
+    assert state.step == ref_state.step == 3
+    for n in params:
+        for got, want, what in ((params[n], ref_params[n], "param"), (state.m[n], ref_state.m[n], "m"),
+                                (state.v[n], ref_state.v[n], "v")):
+            assert_fast(got, want, f"{what} {n} (clip {max_grad_norm})", rtol)
+
+
+def test_latent_major_encoder_changes_layout_not_values():
+    """After `update`, W_enc is stored latent-major; its gradients come back in that layout (no
+    transposed copies) and equal those of the contiguous W_enc."""
+    cfg = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=4, k=4, encoder_bias=True)
+    params = {n: be.asarray(p, "float64") for n, p in init_params(cfg, 0).items()}
+    x = be.asarray(np.random.default_rng(8).normal(size=(40, 16)))
+    _, grads = be.loss_and_grads(params, x, cfg)
+    assert grads["W_enc"].stride() == params["W_enc"].stride()
+    new, state = be.update(params, grads, adam_init(params, be.xp), 1e-3)
+    W = new["W_enc"]
+    assert W.transpose(1, 2).is_contiguous() and W.stride() == state.m["W_enc"].stride()
+    contiguous = dict(new, W_enc=W.contiguous())
+    out_a, grads_a = be.loss_and_grads(new, x, cfg)
+    out_b, grads_b = be.loss_and_grads(contiguous, x, cfg)
+    assert grads_a["W_enc"].stride() == W.stride()
+    assert_fast(out_a.x_hat, out_b.x_hat, "x_hat", 1e-12)
+    for n in grads_a:
+        assert_fast(grads_a[n], grads_b[n], f"grad {n}", 1e-12)
+
+
+def test_update_is_in_place():
+    cfg = SwitchSAEConfig(d_in=8, n_latents=16, n_experts=2, k=2)
+    params = {n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()}
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    W_dec = params["W_dec"]
+    new, _ = be.update(params, grads, adam_init(params, be.xp), 1e-3)
+    assert new["W_dec"] is W_dec
+
+
+# -- no (batch, n_latents) or (batch, N, m) tensor in a train step --------------------------
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every dense tensor an ATen op returns (autograd's backward included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _step_shapes(backend, cfg, batch, use_update):
+    params = {n: backend.asarray(p, "float32") for n, p in init_params(cfg, 0).items()}
+    x = backend.asarray(np.random.default_rng(6).normal(size=(batch, cfg.d_in)), "float32")
+    dead = backend.asarray(np.random.default_rng(7).random(cfg.total_latents) < 0.5)
+    state = adam_init(params, backend.xp)
+    with AllocationRecorder() as rec:
+        if use_update:
+            _, grads = backend.loss_and_grads(params, x, cfg, dead)
+            backend.update(params, grads, state, 1e-3)
+        else:
+            train_step(backend, cfg, params, state, x, 1e-3, dead)
+    return rec.shapes
+
+
+def _too_big(shapes, batch, cfg):
+    """Shapes with at least batch * n_latents / 2 elements (a (batch, M) or (batch, N, m) tensor
+    is one; the largest legitimate ones are (batch, e*m) = batch * M / 4 here)."""
+    return [s for s in shapes if np.prod(s, dtype=np.int64) >= batch * cfg.n_latents // 2]
+
+
+NO_DENSE_CONFIGS = {
+    "auxk_bias": {"auxk_coef": 1 / 32, "k_aux": 8, "encoder_bias": True},
+    "two_experts_shared": {"experts_per_token": 2, "shared_latents": 16, "shared_k": 1},
+}
+
+
+@pytest.mark.parametrize("use_update", [False, True], ids=["core_train_step", "fused_update"])
+@pytest.mark.parametrize("variant", list(NO_DENSE_CONFIGS))
+def test_train_step_never_allocates_batch_by_latents(variant, use_update):
+    batch = 256  # > d_in, so parameters and Adam moments (M * d) stay below batch * M
+    cfg = SwitchSAEConfig(d_in=16, n_latents=512, n_experts=8, k=4, **NO_DENSE_CONFIGS[variant])
+    shapes = _step_shapes(be, cfg, batch, use_update)
+    e_m = cfg.experts_per_token * cfg.expert_width
+    assert (batch, e_m) in shapes, "the recorder missed the (batch, e*m) pre-activations"
+    assert (cfg.n_latents, cfg.d_in) in shapes, "the recorder missed the decoder gradient"
+    assert not _too_big(shapes, batch, cfg), f"dense (batch, latents)-sized tensors: {_too_big(shapes, batch, cfg)}"
+
+
+def test_allocation_check_catches_the_dense_reference_encoder():
+    """The same check fails on the spec's dense reference encode (which builds (batch, N, m))."""
+
+    class DenseEncode(TorchBackend):
+        encode = ReferenceHooks.encode
+
+    cfg = SwitchSAEConfig(d_in=16, n_latents=512, n_experts=8, k=4)
+    shapes = _step_shapes(DenseEncode(), cfg, 256, use_update=True)
+    assert (256, 8, 64) in _too_big(shapes, 256, cfg)
+
+
+# -- arrays and devices -------------------------------------------------------------------------
+
+def test_conversions_and_scatter_add():
+    a = np.array([[1.0, 2.5], [-3.0, 1e-3]])
+    assert be.asarray(a).dtype == torch.float64 and be.asarray(a).device == be.device
+    b = be.asarray(a, "bfloat16")
+    assert b.dtype == torch.bfloat16
+    back = be.to_numpy(b)
+    assert back.dtype == np.float32 and np.allclose(back, a, rtol=2**-8)
+    assert be.asarray(np.array([True, False])).dtype == torch.bool
+    assert be.asarray(torch.ones(2, dtype=torch.float64), "float32").dtype == torch.float32
+    with pytest.raises(TypeError, match="int8"):
+        be.asarray(a, "int8")
+    out = be.scatter_add(torch.zeros(4), torch.tensor([1, 3, 1]), torch.tensor([1.0, 2.0, 4.0]))
+    assert out.tolist() == [0.0, 5.0, 0.0, 2.0]
+
+
+def test_device_selection(monkeypatch):
+    monkeypatch.setenv("SWITCHSAE_DEVICE", "cpu")
+    assert select_device() == torch.device("cpu")
+    assert TorchBackend().device == torch.device("cpu")
+    monkeypatch.setenv("SWITCHSAE_DEVICE", "not-a-device")
+    with pytest.raises(DeviceError, match="SWITCHSAE_DEVICE"):
+        select_device()
+    monkeypatch.delenv("SWITCHSAE_DEVICE")
+    assert select_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA"):
+            select_device("cuda")
