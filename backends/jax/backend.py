@@ -78,6 +78,13 @@ class JaxBackend(Backend):
         and cfg bound.  `jax.jit` with donated params/optimiser buffers (`compile.compile_step`)."""
         return _compile.compile_step(step_fn)
 
+    def block_until_ready(self, tree):
+        return jax.block_until_ready(tree)
+
+    def device_name(self) -> str:
+        device = jax.devices()[0]
+        return f"jax {device.platform} ({device.device_kind})"
+
     def compile_forward(self, forward_fn):
         """forward_fn(params, x, dead_mask=None): `core.spec.forward` with cfg and backend
         bound -> its `jax.jit` (`compile.compile_forward`)."""

@@ -1,0 +1,57 @@
+"""`python -m switchsae.bench` (or `switchsae bench`): the hardware benchmark.
+
+    python -m switchsae.bench                       # every installed backend, default grid
+    python -m switchsae.bench --backends torch --dtype bfloat16 --out bench/results/h100
+    python -m switchsae.bench --grid quick          # a one-minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from switchsae.backends import installed_backends, load_backend
+
+from .machine import describe
+from .plots import plot
+from .run import run_backend
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="switchsae bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(installed_backends()),
+                        help="comma-separated backends (default: every installed one)")
+    parser.add_argument("--grid", choices=("default", "quick"), default="default",
+                        help="default: d 768, M 24576, k 32, batch 4096 for torch/jax (smaller for numpy/mlx)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
+    parser.add_argument("--out", default="bench-results", help="directory for results.json and the PNGs")
+    args = parser.parse_args(argv)
+
+    backends = [load_backend(name) for name in args.backends.split(",") if name]
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    results = []
+    for backend in backends:
+        if args.dtype not in backend.dtypes:
+            print(f"[{backend.name}] has no {args.dtype}; skipped")
+            continue
+        results.append(run_backend(backend, args.grid, args.dtype, args.repeats))
+    record = {"machine": describe(backends), "grid": args.grid, "dtype": args.dtype,
+              "seconds": time.perf_counter() - start, "results": results}
+    path = os.path.join(args.out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    pngs = plot(record, args.out)
+    print(f"wrote {path}, {', '.join(pngs)} in {record['seconds']:.0f} s")
+    for res in results:
+        print(f"[{res['backend']}] speed-ups: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedups"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

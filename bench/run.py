@@ -1,0 +1,131 @@
+"""The hardware benchmark: throughput, memory and roofline fraction per backend and config.
+
+For every backend and grid config it measures tokens/s of encode, forward and a full train
+step (warm-up, repeats, median and spread), the step's achieved FLOP/s (useful FLOPs counted
+by `core.flops.train_flops`) over the backend's own measured matmul peak in the same dtype,
+peak memory of a train step, and Switch vs dense TopK at equal width plus the naive
+per-expert-loop baseline (torch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from switchsae.core import adam_init, init_params, spec, train_step
+from switchsae.core.config import SwitchSAEConfig
+from switchsae.core.flops import forward_flops, train_flops
+
+from .memory import peak_memory
+from .timing import measure
+
+# Backends whose CPU build is far from the machine's speed (the NumPy reference encodes every
+# expert densely; MLX's Linux CPU matmul is ~20x slower than NumPy's) run a smaller grid.
+SMALL_GRID_BACKENDS = {"numpy", "mlx"}
+
+
+def grid(name: str, backend_name: str) -> dict:
+    """The configs to time: "speed" (N sweep at fixed width), "memory" (M sweep at fixed N)."""
+    small = backend_name in SMALL_GRID_BACKENDS or name == "quick"
+    if small:
+        base = dict(d_in=128, n_latents=4096, k=16, batch=1024)
+        return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16)],
+                "memory": [dict(base, n_experts=8, n_latents=M) for M in (1024, 4096)],
+                "naive": 16, "peak_size": 1024}
+    base = dict(d_in=768, n_latents=24576, k=32, batch=4096)
+    return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16, 32)],
+            "memory": [dict(base, n_experts=16, n_latents=M) for M in (6144, 24576, 98304)],
+            "naive": 16, "peak_size": 2048}
+
+
+def matmul_peak(backend, dtype: str, size: int, repeats: int = 5) -> dict:
+    """FLOP/s of a (size, size) @ (size, size) product on this backend: the roofline ceiling."""
+    rng = np.random.default_rng(0)
+    a = backend.asarray(rng.normal(size=(size, size)), dtype)
+    b = backend.asarray(rng.normal(size=(size, size)), dtype)
+    matmul = backend.compile_forward(lambda a, b, _=None: a @ b)
+    t = measure(lambda: matmul(a, b), backend.block_until_ready, warmup=2, repeats=repeats)
+    return {"size": size, "flop_per_s": 2 * size**3 / t["median_s"], **t}
+
+
+def _model(backend, cfg, batch: int):
+    params = {n: backend.asarray(p, cfg.dtype) for n, p in init_params(cfg, 0).items()}
+    x = backend.asarray(np.random.default_rng(1).normal(size=(batch, cfg.d_in)), cfg.dtype)
+    return params, x
+
+
+def time_config(backend, cfg: SwitchSAEConfig, batch: int, repeats: int) -> dict:
+    """Encode, forward and train-step timings of one config, with FLOP rates and memory."""
+    params, x = _model(backend, cfg, batch)
+    encode = backend.compile_forward(lambda p, x, _=None: spec.encode(p, x, cfg, backend).top_values)
+    forward = backend.compile_forward(lambda p, x, _=None: spec.forward(p, x, cfg, backend).x_hat)
+    record = {"n_experts": cfg.n_experts, "n_latents": cfg.n_latents, "d_in": cfg.d_in, "k": cfg.k,
+              "batch": batch, "dtype": cfg.dtype}
+    for name, fn in (("encode", encode), ("forward", forward)):
+        t = measure(lambda fn=fn: fn(params, x), backend.block_until_ready, warmup=1, repeats=repeats)
+        record[name] = {**t, "tokens_per_s": batch / t["median_s"]}
+
+    step = backend.compile_step(functools.partial(train_step, backend, cfg))
+    state = {"params": params, "opt": adam_init(params, backend.xp)}
+
+    def one_step():
+        state["params"], state["opt"], out = step(state["params"], state["opt"], x, cfg.default_lr)
+        return out.losses["total"]
+
+    t = measure(one_step, backend.block_until_ready, warmup=1, repeats=repeats)
+    flops = train_flops(cfg)["total"] * batch
+    record["train_step"] = {**t, "tokens_per_s": batch / t["median_s"],
+                            "useful_flop": flops, "flop_per_s": flops / t["median_s"]}
+    record["forward"]["flop_per_s"] = forward_flops(cfg)["total"] * batch / record["forward"]["median_s"]
+    mem, how = peak_memory(one_step, backend)
+    record["train_step"].update(peak_memory_bytes=mem, memory_measure=how)
+    return record
+
+
+def naive_baseline(backend, cfg, batch: int, repeats: int) -> dict | None:
+    """Train-step timing of the naive per-expert loop (torch only)."""
+    if backend.name != "torch":
+        return None
+    from .torch_speedup import NaiveBackend, step_throughput
+
+    return step_throughput(NaiveBackend(getattr(backend, "device", None)), cfg, batch, repeats)
+
+
+def run_backend(backend, grid_name: str, dtype: str, repeats: int, log=print) -> dict:
+    """Every measurement for one backend."""
+    g = grid(grid_name, backend.name)
+    peak = matmul_peak(backend, dtype, g["peak_size"])
+    log(f"[{backend.name}] matmul peak {peak['flop_per_s'] / 1e9:.1f} GFLOP/s ({dtype}, n={g['peak_size']})")
+    speed, memory = [], []
+    for sizes in g["speed"]:
+        cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
+        rec = time_config(backend, cfg, sizes["batch"], repeats)
+        rec["train_step"]["roofline_fraction"] = rec["train_step"]["flop_per_s"] / peak["flop_per_s"]
+        speed.append(rec)
+        log(_row(backend.name, rec))
+    for sizes in g["memory"]:
+        cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
+        rec = time_config(backend, cfg, sizes["batch"], max(1, repeats // 2))
+        memory.append(rec)
+        log(_row(backend.name, rec))
+    by_n = {r["n_experts"]: r["train_step"]["tokens_per_s"] for r in speed}
+    naive_sizes = next(s for s in g["speed"] if s["n_experts"] == g["naive"])
+    naive_cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in naive_sizes.items() if k != "batch"})
+    naive = naive_baseline(backend, naive_cfg, naive_sizes["batch"], repeats)
+    speedups = {f"N{n}_vs_dense": by_n[n] / by_n[1] for n in by_n if n != 1}
+    if naive is not None:
+        speedups[f"N{g['naive']}_vs_naive_loop"] = by_n[g["naive"]] / naive["tokens_per_s"]
+        log(f"[{backend.name}] naive loop N={g['naive']}: {naive['tokens_per_s']:.0f} tokens/s")
+    return {"backend": backend.name, "device": backend.device_name(), "dtype": dtype, "matmul_peak": peak,
+            "speed": speed, "memory": memory, "naive_loop": naive, "speedups": speedups}
+
+
+def _row(name, rec) -> str:
+    step = rec["train_step"]
+    roof = step.get("roofline_fraction")
+    return (f"[{name}] N={rec['n_experts']:>3} M={rec['n_latents']:>6}  encode {rec['encode']['tokens_per_s']:>9.0f}"
+            f"  forward {rec['forward']['tokens_per_s']:>9.0f}  step {step['tokens_per_s']:>8.0f} tok/s"
+            f" (spread {step['min_s'] * 1e3:.0f}-{step['max_s'] * 1e3:.0f} ms)"
+            + (f"  roofline {roof:.0%}" if roof is not None else "")
+            + f"  peak mem {step['peak_memory_bytes'] / 2**20:.0f} MiB")
