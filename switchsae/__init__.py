@@ -13,10 +13,13 @@ from switchsae.core.spec import ForwardOutput
 
 from ._active import backend_name, get_backend, use
 from .model import InputError, SwitchSAE
+from .checkpoint import load, save
+from .training import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError", "ConfigError", "ForwardOutput", "InputError", "SwitchSAE",
     "SwitchSAEConfig", "backend_name", "get_backend", "installed_backends", "use",
+    "load", "save", "Trainer", "TrainConfig",
 ]

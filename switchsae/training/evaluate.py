@@ -1,0 +1,89 @@
+"""Evaluate a Switch SAE on activation data: reconstruction, sparsity, routing, feature density."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import array_api_compat.numpy as np_xp
+import numpy as np
+
+from switchsae.core import metrics
+from switchsae.core.dead_latents import update_tokens_since_fired
+
+
+@dataclass
+class EvalResult:
+    """tokens: rows evaluated.  fvu, nmse, l0: token-weighted means of the per-batch metrics.
+    dead_fraction: latents that never fired on these tokens; dense_fraction: latents firing on
+    more than 10% of them.  expert_load: fraction of tokens per expert; load_entropy in nats
+    (log N when balanced).  firing_frequency: (M,) fraction of tokens on which each latent
+    fired."""
+
+    tokens: int
+    fvu: float
+    nmse: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    expert_load: list
+    load_entropy: float
+    firing_frequency: np.ndarray
+
+    def summary(self) -> dict:
+        """The scalar metrics and the expert load as a JSON-able dict."""
+        return {"tokens": self.tokens, "fvu": self.fvu, "nmse": self.nmse, "l0": self.l0,
+                "dead_fraction": self.dead_fraction, "dense_fraction": self.dense_fraction,
+                "expert_load": self.expert_load,
+                "load_entropy": self.load_entropy}
+
+    def format(self) -> str:
+        """Human-readable lines."""
+        n = len(self.expert_load)
+        load = " ".join(f"{v:.3f}" for v in self.expert_load)
+        return "\n".join([
+            f"tokens evaluated   {self.tokens}",
+            f"FVU                {self.fvu:.4f}",
+            f"normalised MSE     {self.nmse:.4f}",
+            f"L0                 {self.l0:.2f}",
+            f"dead fraction      {self.dead_fraction:.4f}  (never fired on these tokens)",
+            f"dense fraction     {self.dense_fraction:.4f}  (fired on more than 10% of them)",
+            f"expert load        {load}",
+            f"load entropy       {self.load_entropy:.4f} nats  (max log {n} = {np.log(n):.4f})",
+        ])
+
+
+def evaluate(sae, source, max_tokens: int | None = None) -> EvalResult:
+    """Run `sae` over one epoch of `source` (at most `max_tokens` rows) without training."""
+    be, cfg = sae.backend, sae.cfg
+    xp = be.xp
+    total = source.n_rows if max_tokens is None else min(int(max_tokens), source.n_rows)
+    if total < 1:
+        raise ValueError(f"nothing to evaluate: max_tokens={max_tokens}, source rows={source.n_rows}")
+    seen, sums = 0, {"fvu": 0.0, "nmse": 0.0, "l0": 0.0}
+    counter = be.asarray(np.zeros(cfg.n_latents, dtype=np.float32))
+    fires = be.asarray(np.zeros(cfg.n_latents, dtype=np.float32))
+    load = np.zeros(cfg.n_experts)
+    while seen < total:
+        batch = source.next_batch()[: total - seen]
+        x = be.asarray(batch, "float32")
+        out = sae.forward(x)
+        x_hat = xp.astype(out.x_hat, xp.float32)
+        rows = batch.shape[0]
+        sums["fvu"] += rows * float(metrics.fvu(x, x_hat, xp))
+        sums["nmse"] += rows * float(metrics.normalized_mse(x, x_hat, xp))
+        sums["l0"] += rows * float(metrics.l0(out.top_values, xp))
+        load += rows * be.to_numpy(metrics.expert_load(out.expert, cfg.n_experts, xp))
+        counter = update_tokens_since_fired(counter, out.top_indices, out.top_values, be)
+        fired = xp.astype(xp.reshape(out.top_values, (-1,)) != 0, xp.float32)
+        fires = be.scatter_add(fires, xp.reshape(out.top_indices, (-1,)), fired)
+        seen += rows
+    load /= seen
+    frequency = be.to_numpy(fires) / seen
+    return EvalResult(
+        tokens=seen, fvu=sums["fvu"] / seen, nmse=sums["nmse"] / seen, l0=sums["l0"] / seen,
+        dead_fraction=float(metrics.dead_fraction(counter, seen, xp)),
+        dense_fraction=float(metrics.dense_fraction(frequency, np_xp)),
+        expert_load=[float(v) for v in load],
+        load_entropy=float(metrics.load_entropy(load, np_xp)),
+        firing_frequency=frequency,
+    )

@@ -1,0 +1,256 @@
+"""`Trainer`: the training loop around the shared `core.train_step`, with metrics,
+dead-latent tracking, atomic resumable checkpoints and fail-fast checks."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import array_api_compat.numpy as np_xp
+import numpy as np
+
+from switchsae import checkpoint as ckpt_io
+from switchsae._active import get_backend
+from switchsae.core.config import ConfigError, SwitchSAEConfig
+from switchsae.core.dead_latents import dead_mask, update_tokens_since_fired
+from switchsae.core.init import geometric_median, init_params
+from switchsae.core.optim import AdamState, adam_init
+from switchsae.core.train_step import train_step
+from switchsae.data import DataError
+from switchsae.model import SwitchSAE
+
+from .config import TrainConfig
+from .metrics_log import MetricsLog, read_metrics, step_metrics
+from .normalize import estimate_scale, fold_scale, unfold_scale
+from .schedule import learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+STATE_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the message names the step and what went wrong)."""
+
+
+class NonFiniteError(TrainingError):
+    """A NaN or inf in the activations or the loss."""
+
+
+@dataclass
+class TrainResult:
+    """sae: the trained model for raw activations; history: the logged metric records;
+    checkpoint: the last checkpoint written (None without out_dir); wall_time: seconds."""
+
+    sae: SwitchSAE
+    step: int
+    history: list
+    checkpoint: Path | None
+    wall_time: float
+
+
+class Trainer:
+    """Train `cfg` on batches from `source` (an `ActivationSource`) on `backend`.
+
+    Everything is checked before any work: the source's d_in and batch size against the
+    configs, the dtype against the backend.  `run()` trains to `train_cfg.steps`;
+    `Trainer.resume(path, source)` continues a checkpointed run exactly (same data order,
+    same numbers).  data_spec: a JSON-able description of the source, stored for resuming.
+    """
+
+    def __init__(self, cfg: SwitchSAEConfig, train_cfg: TrainConfig, source, backend=None, *,
+                 data_spec: dict | None = None, progress: bool = True):
+        self.backend = get_backend(backend) if backend is None or isinstance(backend, str) else backend
+        _check_setup(cfg, train_cfg, source, self.backend)
+        self.cfg, self.tc, self.source = cfg, train_cfg, source
+        self.data_spec, self.progress = data_spec, progress
+        self.dead_tokens = train_cfg.dead_threshold(cfg)
+        self.peak_lr = train_cfg.learning_rate(cfg)
+        self.out_dir = Path(train_cfg.out_dir) if train_cfg.out_dir else None
+        self.step, self.elapsed, self.scale = 0, 0.0, 1.0
+        self.params = self.opt_state = self.counter = None
+        self.last_checkpoint: Path | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    @classmethod
+    def resume(cls, path, source, backend=None, *, progress: bool = True) -> Trainer:
+        """Continue from a checkpoint (or a run directory's newest).  `source` must be built
+        like the original one; its position is restored from the checkpoint."""
+        ckpt = ckpt_io.read_checkpoint(path)
+        state = ckpt.trainer_state
+        if state is None or ckpt.optimizer is None:
+            raise ckpt_io.CheckpointError(f"{ckpt.path} holds no training state; it cannot be resumed")
+        tc = TrainConfig.from_dict(state["train_config"])
+        if ckpt.path.parent.name == ckpt_io.CHECKPOINTS_DIR:  # a run directory, possibly moved
+            tc = tc.replace(out_dir=str(ckpt.path.parent.parent))
+        trainer = cls(ckpt.cfg, tc, source, backend, data_spec=state.get("data_spec"), progress=progress)
+        trainer._restore(ckpt, state)
+        return trainer
+
+    def _restore(self, ckpt, state: dict) -> None:
+        needed = {"step", "elapsed", "activation_scale", "data_state", "tokens_since_fired"}
+        if state.get("format_version") != STATE_VERSION or needed - set(state):
+            raise ckpt_io.CheckpointError(
+                f"{ckpt.path / ckpt_io.STATE_FILE}: unsupported trainer state (format_version "
+                f"{state.get('format_version')!r}, missing {sorted(needed - set(state))})")
+        be, dtype = self.backend, self.cfg.dtype
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        self.scale = float(state["activation_scale"])
+        self.params = {k: be.asarray(v, dtype) for k, v in unfold_scale(ckpt.params, self.scale).items()}
+        opt = ckpt.optimizer
+        self.opt_state = AdamState(int(opt["step"]), *({k: be.asarray(v, dtype) for k, v in opt[kind].items()}
+                                                       for kind in ("m", "v")))
+        self.counter = be.asarray(np.asarray(state["tokens_since_fired"], dtype=np.float32))
+        self.source.load_state_dict(state["data_state"])
+        self.last_checkpoint = ckpt.path
+
+    def _initialise(self, first_batch: np.ndarray) -> np.ndarray:
+        """Scale from the first batch, b_pre = b_router = its geometric median (the paper).
+        Returns the scaled first batch (it is also the first training batch)."""
+        self.scale = estimate_scale(first_batch) if self.tc.normalize else 1.0
+        scaled = first_batch * self.scale
+        params = init_params(self.cfg, self.tc.seed)
+        median = geometric_median(scaled.astype(np.float64), np_xp)
+        params["b_pre"], params["b_router"] = median, median.copy()
+        self.params = SwitchSAE.from_params(self.cfg, params, self.backend).params
+        self.opt_state = adam_init(self.params, self.backend.xp)
+        self.counter = self.backend.asarray(np.zeros(self.cfg.n_latents, dtype=np.float32))
+        return scaled
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train to `steps`; log, checkpoint, and stop with NonFiniteError on NaN/inf."""
+        from tqdm.auto import tqdm
+
+        tc = self.tc
+        log = self._open_log()
+        history = read_metrics(log.path) if log else []
+        step_fn = self.backend.compile_step(
+            functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm))
+        pending = self._initialise(self._checked_batch()) if self.params is None else None
+        bar = tqdm(total=tc.steps, initial=self.step, unit="step", disable=not self.progress,
+                   desc=f"switch sae ({self.backend.name})", dynamic_ncols=True)
+        window = [time.perf_counter(), 0]  # start time and tokens of the current log window
+        try:
+            while self.step < tc.steps:
+                x_np = pending if pending is not None else self._checked_batch() * self.scale
+                pending = None
+                x, lr, out = self._update(step_fn, x_np)
+                window[1] += x_np.shape[0]
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    record = self._record(out, x, lr, window)
+                    history.append(record)
+                    if log:
+                        log.append(record)
+                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
+                                    dead=f"{record['dead_fraction']:.2f}", lb=f"{record['loss_lb']:.3f}",
+                                    tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                    window[:] = [time.perf_counter(), 0]
+                if self.out_dir and (self.step % tc.checkpoint_every == 0 or self.step == tc.steps):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return TrainResult(self.sae(), self.step, history, self.last_checkpoint, self.elapsed)
+
+    def _update(self, step_fn, x_np: np.ndarray):
+        """One optimiser step on the (scaled) batch; -> (native batch, lr, ForwardOutput)."""
+        be = self.backend
+        x = be.asarray(x_np, self.cfg.dtype)
+        lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup_steps, self.tc.decay_fraction)
+        mask = dead_mask(self.counter, self.dead_tokens) if self.cfg.auxk_coef > 0 else None
+        self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, mask)
+        self.step += 1
+        self._check_loss(out)
+        self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
+        return x, lr, out
+
+    def _record(self, out, x, lr: float, window: list) -> dict:
+        """The metrics line for this step; window: [start time, tokens] since the last line."""
+        seconds = max(time.perf_counter() - window[0], 1e-9)
+        self.elapsed += seconds
+        return {"step": self.step, "tokens": self.step * self.tc.batch_size, "lr": lr,
+                **step_metrics(out, x, self.counter, self.cfg, self.dead_tokens, self.backend),
+                "tokens_per_s": window[1] / seconds, "elapsed_s": self.elapsed}
+
+    def _open_log(self) -> MetricsLog | None:
+        """The run's metrics file (cut back to the restored step when resuming); clears
+        checkpoint directories that a killed run left half-written."""
+        if self.out_dir is None:
+            return None
+        root = self.out_dir / ckpt_io.CHECKPOINTS_DIR
+        for torn in (root.glob(".step_*") if root.is_dir() else ()):
+            shutil.rmtree(torn, ignore_errors=True)
+        return MetricsLog(self.out_dir / METRICS_FILE, self.step or None)
+
+    def _checked_batch(self) -> np.ndarray:
+        batch = self.source.next_batch()
+        if batch.shape != (self.tc.batch_size, self.cfg.d_in):
+            raise DataError(f"step {self.step + 1}: the data source gave a batch of shape {batch.shape}, "
+                            f"expected {(self.tc.batch_size, self.cfg.d_in)}")
+        if not np.all(np.isfinite(batch)):
+            row, col = np.argwhere(~np.isfinite(batch))[0]
+            raise NonFiniteError(f"step {self.step + 1}: activations hold NaN/inf (batch row {row}, "
+                                 f"column {col}); stopped{self._last_saved()}")
+        return batch
+
+    def _check_loss(self, out) -> None:
+        losses = {name: float(v) for name, v in out.losses.items()}
+        bad = [name for name, v in losses.items() if not np.isfinite(v)]
+        if bad:
+            raise NonFiniteError(f"step {self.step}: loss {bad[0]!r} is {losses[bad[0]]} "
+                                 f"(losses: {losses}); stopped{self._last_saved()}")
+
+    def _last_saved(self) -> str:
+        return f", last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ", nothing saved"
+
+    # -- outputs --------------------------------------------------------------------------
+    def sae(self) -> SwitchSAE:
+        """The current model, for raw (unscaled) activations."""
+        return SwitchSAE.from_params(self.cfg, fold_scale(self._numpy(self.params), self.scale), self.backend)
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint `<out_dir>/checkpoints/step_<n>` and prune old ones."""
+        if self.out_dir is None:
+            raise ConfigError("TrainConfig.out_dir is None: nowhere to write checkpoints")
+        state = {
+            "format_version": STATE_VERSION,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "activation_scale": self.scale,
+            "backend": self.backend.name,
+            "train_config": self.tc.to_dict(),
+            "data_spec": self.data_spec,
+            "data_state": self.source.state_dict(),
+            "tokens_since_fired": [float(c) for c in self.backend.to_numpy(self.counter)],
+        }
+        optimizer = {"step": int(self.opt_state.step), "m": self._numpy(self.opt_state.m),
+                     "v": self._numpy(self.opt_state.v)}
+        path = self.out_dir / ckpt_io.CHECKPOINTS_DIR / f"step_{self.step:08d}"
+        ckpt_io.write_checkpoint(path, self.cfg, fold_scale(self._numpy(self.params), self.scale),
+                                 optimizer=optimizer, trainer_state=state, overwrite=True)
+        self.last_checkpoint = path
+        for old in ckpt_io.list_checkpoints(self.out_dir)[:-self.tc.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _numpy(self, arrays: dict) -> dict:
+        """NumPy copies (a backend may share memory with arrays it later updates in place)."""
+        return {k: np.array(self.backend.to_numpy(v)) for k, v in arrays.items()}
+
+
+def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None:
+    """Fail before any work on mismatched d_in, batch size or dtype."""
+    if source.d_in != cfg.d_in:
+        raise DataError(f"the data has d_in={source.d_in} but the model config has d_in={cfg.d_in}")
+    if source.batch_size != tc.batch_size:
+        raise ConfigError(f"the data source yields batches of {source.batch_size} rows but "
+                          f"TrainConfig.batch_size is {tc.batch_size}")
+    if np.dtype(source.dtype).kind != "f":
+        raise DataError(f"activations must be floating point; the data source has dtype {source.dtype}")
+    try:
+        backend.dtype(cfg.dtype)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
