@@ -21,7 +21,9 @@ from .run import run_backend
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="switchsae bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="switchsae bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--backends", default=",".join(installed_backends()),
                         help="comma-separated backends (default: every installed one)")
     parser.add_argument("--grid", choices=("default", "quick"), default="default",

@@ -1,10 +1,12 @@
-"""`switchsae` command line: train, eval, harvest.
+"""`switchsae` command line: train, eval, harvest, inspect, bench.
 
     switchsae train                      # MiniLM-L6 activations of Python's docs, ~2 min on CPU
     switchsae train --data SHARDS --experts 16 --k 64 --steps 5000 --out runs/big
     switchsae train --resume runs/big    # continue after an interruption, same data order
     switchsae eval runs/big [SHARDS]     # FVU, nMSE, L0, dead fraction, expert load
     switchsae harvest OUT --text corpus.txt --layer 3
+    switchsae inspect runs/big --out browser   # static feature browser (opens from disk)
+    switchsae bench --grid quick               # hardware benchmark (python -m switchsae.bench)
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class CLIError(Exception):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark owns its options (switchsae bench --help)
+        from switchsae.bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -49,7 +56,7 @@ def main(argv=None) -> int:
     try:
         return args.handler(args)
     except (CLIError, BackendError, CheckpointError, ConfigError, DataError, InteropError,
-            TrainingError) as e:
+            TrainingError, FileExistsError) as e:
         print(f"switchsae {args.command}: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
 
@@ -63,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _harvest_parser(sub)
+    from switchsae.inspect.cli import add_arguments as add_inspect_arguments, run as run_inspect
+
+    p = sub.add_parser("inspect", help="build the static feature browser of a checkpoint")
+    add_inspect_arguments(p)
+    p.set_defaults(handler=run_inspect)
+    sub.add_parser("bench", help="hardware benchmark (its options: switchsae bench --help)")
     return parser
 
 

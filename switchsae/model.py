@@ -28,12 +28,13 @@ class SwitchSAE:
     @classmethod
     def init(cls, cfg: SwitchSAEConfig, seed: int = 0, backend=None) -> "SwitchSAE":
         """Random initialisation as specified (same numbers on every backend for a seed)."""
-        return cls.from_params(cfg, init_params(cfg, seed), backend)
+        return cls.from_params(cfg, init_params(cfg, seed), backend)  # backend: as from_params
 
     @classmethod
     def from_params(cls, cfg: SwitchSAEConfig, params: dict, backend=None) -> "SwitchSAE":
-        """params: dict name -> NumPy or native array; checked against the config's shapes."""
-        backend = backend or get_backend()
+        """params: dict name -> NumPy or native array; checked against the config's shapes.
+        backend: a Backend, a backend name, or None for the active one."""
+        backend = get_backend(backend) if isinstance(backend, str) or backend is None else backend
         expected = cfg.param_shapes()
         missing, unknown = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
         if missing or unknown:
@@ -97,7 +98,6 @@ class SwitchSAE:
 
     def to(self, backend) -> "SwitchSAE":
         """The same model on another backend (name or Backend)."""
-        backend = get_backend(backend) if isinstance(backend, str) else backend
         return SwitchSAE.from_params(self.cfg, self.numpy_params(), backend)
 
     def __repr__(self) -> str:
