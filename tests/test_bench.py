@@ -1,0 +1,51 @@
+"""The benchmark machinery on a tiny config: records are complete and self-consistent."""
+
+import json
+
+import numpy as np
+
+from switchsae.backends import load_backend
+from switchsae.bench import run as bench_run
+from switchsae.bench.__main__ import main as bench_main
+from switchsae.bench.plots import plot
+from switchsae.core.config import SwitchSAEConfig
+from switchsae.core.flops import train_flops
+
+
+def test_time_config_record_is_consistent():
+    backend = load_backend("numpy")
+    cfg = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=4, k=4)
+    rec = bench_run.time_config(backend, cfg, batch=64, repeats=2)
+    step = rec["train_step"]
+    assert step["min_s"] <= step["median_s"] <= step["max_s"]
+    assert step["useful_flop"] == train_flops(cfg)["total"] * 64
+    np.testing.assert_allclose(step["flop_per_s"], step["useful_flop"] / step["median_s"])
+    np.testing.assert_allclose(step["tokens_per_s"], 64 / step["median_s"])
+    assert step["peak_memory_bytes"] >= 0 and step["memory_measure"]
+    for part in ("encode", "forward"):
+        assert rec[part]["tokens_per_s"] > 0
+
+
+def test_matmul_peak_counts_2n3_flops():
+    peak = bench_run.matmul_peak(load_backend("numpy"), "float32", 64, repeats=2)
+    np.testing.assert_allclose(peak["flop_per_s"], 2 * 64**3 / peak["median_s"])
+
+
+def test_cli_writes_json_and_plots(tmp_path, monkeypatch):
+    tiny = {"speed": [dict(d_in=16, n_latents=64, k=4, batch=64, n_experts=n) for n in (1, 4)],
+            "memory": [dict(d_in=16, n_latents=M, k=4, batch=64, n_experts=4) for M in (32, 64)],
+            "naive": 4, "peak_size": 64}
+    monkeypatch.setattr(bench_run, "grid", lambda name, backend: tiny)
+    monkeypatch.setattr("switchsae.bench.__main__.run_backend", bench_run.run_backend)
+    assert bench_main(["--backends", "numpy", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    res = record["results"][0]
+    assert record["machine"]["cores"] >= 1 and res["device"] == "cpu"
+    assert [r["n_experts"] for r in res["speed"]] == [1, 4]
+    by_n = {r["n_experts"]: r["train_step"]["tokens_per_s"] for r in res["speed"]}
+    np.testing.assert_allclose(res["speedups"]["N4_vs_dense"], by_n[4] / by_n[1])
+    for r in res["speed"]:
+        np.testing.assert_allclose(r["train_step"]["roofline_fraction"],
+                                   r["train_step"]["flop_per_s"] / res["matmul_peak"]["flop_per_s"])
+    assert (tmp_path / "throughput.png").stat().st_size > 1000 and (tmp_path / "memory.png").stat().st_size > 1000
+    assert plot(record, tmp_path)
