@@ -8,32 +8,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _line_plot(path, series, xlabel, ylabel, title):
+    """series: [(label, xs, ys)] -> a log-log PNG at path."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, xs, ys in series:
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(record: dict, out_dir) -> list[str]:
     """Write throughput.png and memory.png into out_dir; -> their paths."""
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for res in record["results"]:
-        speed = res["speed"]
-        ax.plot([r["n_experts"] for r in speed], [r["train_step"]["tokens_per_s"] for r in speed],
-                marker="o", label=f"{res['backend']} train step (M={speed[0]['n_latents']}, {res['device']})")
-    ax.set(xscale="log", yscale="log", xlabel="experts N (fixed total width M)", ylabel="tokens / s",
-           title="Switch SAE training throughput")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(f"{out_dir}/throughput.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for res in record["results"]:
-        mem = res["memory"]
-        ax.plot([r["n_latents"] for r in mem], [r["train_step"]["peak_memory_bytes"] / 2**20 for r in mem],
-                marker="o", label=f"{res['backend']} (N={mem[0]['n_experts']}, {mem[0]['train_step']['memory_measure']})")
-    ax.set(xscale="log", yscale="log", xlabel="dictionary size M", ylabel="peak memory of a train step (MiB)",
-           title="Train-step memory")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(f"{out_dir}/memory.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    throughput = [(f"{res['backend']} train step (M={res['speed'][0]['n_latents']}, {res['device']})",
+                   [r["n_experts"] for r in res["speed"]],
+                   [r["train_step"]["tokens_per_s"] for r in res["speed"]]) for res in record["results"]]
+    memory = [(f"{res['backend']} (N={res['memory'][0]['n_experts']}, "
+               f"{res['memory'][0]['train_step']['memory_measure']})",
+               [r["n_latents"] for r in res["memory"]],
+               [r["train_step"]["peak_memory_bytes"] / 2**20 for r in res["memory"]]) for res in record["results"]]
+    return [
+        _line_plot(f"{out_dir}/throughput.png", throughput, "experts N (fixed total width M)", "tokens / s",
+                   "Switch SAE training throughput"),
+        _line_plot(f"{out_dir}/memory.png", memory, "dictionary size M", "peak memory of a train step (MiB)",
+                   "Train-step memory"),
+    ]
