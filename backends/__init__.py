@@ -10,7 +10,7 @@ REGISTRY = {
     "numpy": ("switchsae.backends.numpy", ("numpy",), ""),
     "torch": ("switchsae.backends.torch", ("torch",), "torch"),
     "jax": ("switchsae.backends.jax", ("jax",), "jax"),
-    "mlx": ("switchsae.backends.mlx", ("mlx",), "mlx"),
+    "mlx": ("switchsae.backends.mlx", ("mlx.core",), "mlx"),  # a bare "mlx" folder is no MLX
 }
 
 
@@ -18,11 +18,16 @@ class BackendError(ValueError):
     """Unknown or uninstalled backend."""
 
 
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
+
+
 def _requirements_met(name: str) -> bool:
     module, needs, _ = REGISTRY[name]
-    if not all(importlib.util.find_spec(req) is not None for req in needs):
-        return False
-    return importlib.util.find_spec(module) is not None
+    return all(_found(req) for req in needs) and _found(module)
 
 
 def installed_backends() -> list[str]:
