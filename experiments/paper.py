@@ -53,14 +53,17 @@ sentence-embedding cosine recovered with x_hat spliced in, against zero-ablating
 
 @dataclass(frozen=True)
 class Run:
-    """family: "dense", "flop-matched" or "width-matched"; cfg: the model trained."""
+    """family: "dense", "flop-matched" or "width-matched"; cfg: the model trained; variant: a
+    label for runs that differ in more than N (`experiments.variants`)."""
 
     family: str
     cfg: SwitchSAEConfig
+    variant: str = ""  # a label appended to the name ("" for the paper's runs)
 
     @property
     def name(self) -> str:
-        return "dense" if self.family == "dense" else f"{self.family} N={self.cfg.n_experts}"
+        base = "dense" if self.family == "dense" else f"{self.family} N={self.cfg.n_experts}"
+        return f"{base} {self.variant}" if self.variant else base
 
 
 def plan(d_in: int, width: int, k: int, experts, **cfg_kw) -> list[Run]:
@@ -97,26 +100,43 @@ def load_data(layer: int, batch_size: int, seed: int, max_texts: int | None, pro
     return ArraySource(train, batch_size, seed), ArraySource(held_acts, len(held_acts), shuffle=False), held
 
 
+def expert_decoders(sae) -> np.ndarray:
+    """(groups, m, d) float64 decoder rows by expert, for the duplication metrics: the N routed
+    experts, then the shared expert as one more when it has one (it must be m wide)."""
+    params, cfg = sae.numpy_params(), sae.cfg
+    W_dec = params["W_dec"].astype(np.float64)
+    if not cfg.shared_latents:
+        return W_dec
+    if cfg.shared_latents != cfg.expert_width:
+        raise ValueError(f"duplication needs the shared expert ({cfg.shared_latents} latents) as wide as "
+                         f"a routed one ({cfg.expert_width})")
+    return np.concatenate([W_dec, params["W_dec_shared"].astype(np.float64)[None]])
+
+
 def measure(run: Run, sae, eval_source, fidelity_texts, layer: int, model) -> dict:
-    """The table's numbers for a trained `sae` on the held-out data."""
+    """The table's numbers for a trained `sae` on the held-out data.  A shared expert counts
+    as one more expert for duplication and in the dead / dense fractions; no fidelity
+    (NaN) without `fidelity_texts`."""
     from switchsae.evaluation import splice_fidelity
     from switchsae.training import evaluate
 
     ev = evaluate(sae, eval_source)
-    W_dec = sae.numpy_params()["W_dec"].astype(np.float64)
-    fid = splice_fidelity(sae, fidelity_texts, layer, model)
+    W_dec = expert_decoders(sae)
+    fid = splice_fidelity(sae, fidelity_texts, layer, model) if len(fidelity_texts) else None
     cfg = run.cfg
     return {
-        "name": run.name, "family": run.family, "n_experts": cfg.n_experts,
+        "name": run.name, "family": run.family, "variant": run.variant, "n_experts": cfg.n_experts,
         "n_latents": cfg.n_latents, "expert_width": cfg.expert_width, "k": cfg.k,
+        "experts_per_token": cfg.experts_per_token, "shared_latents": cfg.shared_latents,
+        "shared_k": cfg.shared_k, "total_latents": cfg.total_latents,
         "fvu": ev.fvu, "l0": ev.l0, "dead_fraction": ev.dead_fraction,
         "dense_fraction": float(metrics.dense_fraction(ev.firing_frequency, xnp)),
         "duplication": float(metrics.duplication_fraction(W_dec, xnp)),
         "duplication_any": float(metrics.duplication_fraction(W_dec, xnp, across_experts=False)),
         "flops_forward": forward_flops(cfg)["total"], "flops_train": train_flops(cfg)["total"],
         "load_entropy": ev.load_entropy, "max_entropy": math.log(cfg.n_experts),
-        "expert_load": ev.expert_load, "fidelity": fid.fraction_recovered,
-        "fidelity_detail": fid.summary(), "eval_tokens": ev.tokens,
+        "expert_load": ev.expert_load, "fidelity": fid.fraction_recovered if fid else float("nan"),
+        "fidelity_detail": fid.summary() if fid else None, "eval_tokens": ev.tokens,
     }
 
 
@@ -197,67 +217,118 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def add_common_args(p: argparse.ArgumentParser, full: dict, quick: dict, out: str,
+                    width_help: str = "dense width") -> None:
+    """The options every experiment here shares (budget, data, backend, output)."""
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test")
+    p.add_argument("--backend", help="numpy, torch, jax or mlx (default: torch if installed)")
+    p.add_argument("--width", type=int, help=f"{width_help} (default {full['width']}, quick {quick['width']})")
+    p.add_argument("--k", type=int, help=f"active latents (default {full['k']}, quick {quick['k']})")
+    p.add_argument("--steps", type=int, help=f"updates per run (default {full['steps']}, quick {quick['steps']})")
+    p.add_argument("--batch-size", type=int, help=f"tokens per update (default {full['batch_size']})")
+    p.add_argument("--max-texts", type=int, help=f"use only the first texts (default all; quick {quick['max_texts']})")
+    p.add_argument("--fidelity-texts", type=int, help=f"held-out texts for the fidelity splice, 0 = skip it "
+                                                      f"(default {full['fidelity_texts']})")
+    p.add_argument("--layer", type=int, default=3, help="MiniLM hidden-state index (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def budget_from(args, full: dict, quick: dict) -> dict:
+    """FULL or QUICK, overridden by the options given."""
+    budget = dict(quick if args.quick else full)
+    budget.update({key: getattr(args, key) for key in budget if getattr(args, key, None) is not None})
+    return budget
+
+
+@dataclass
+class Setup:
+    """What every run of an experiment shares: backend, data, schedule, the MiniLM model."""
+
+    backend: object
+    train_src: object
+    eval_src: object
+    held: list
+    tc: object
+    model: object
+    progress: bool
+
+
+def prepare(args, budget: dict) -> Setup:
+    """Load the data (`load_data`) and the model; the shared `TrainConfig` (the `switchsae
+    train` defaults for lr and warm-up)."""
+    from switchsae import get_backend
+    from switchsae.cli import DEFAULTS, default_backend
+    from switchsae.evaluation import load_model
+    from switchsae.training import TrainConfig
+
+    backend = get_backend(args.backend or default_backend())
+    progress = not args.no_progress
+    train_src, eval_src, held = load_data(args.layer, budget["batch_size"], args.seed,
+                                          budget["max_texts"], progress)
+    tc = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=DEFAULTS["lr"],
+                     warmup_steps=min(DEFAULTS["warmup"], budget["steps"] // 2), seed=args.seed,
+                     log_every=max(1, budget["steps"] // 10))
+    return Setup(backend, train_src, eval_src, held, tc, load_model() if budget["fidelity_texts"] else None,
+                 progress)
+
+
+def cfg_defaults() -> dict:
+    """Config fields every run takes from the `switchsae train` defaults."""
+    from switchsae.cli import DEFAULTS
+
+    return {"auxk_coef": DEFAULTS["auxk_coef"], "dead_tokens": DEFAULTS["dead_tokens"]}
+
+
+def train_all(runs: list[Run], setup: Setup, budget: dict, args, checkpoints: Path | None = None):
+    """Train and `measure` every run in order; with `checkpoints`, save each trained SAE to
+    checkpoints/<row["checkpoint"]>.  -> (rows, meta)."""
+    from switchsae.checkpoint import save
+    from switchsae.training import Trainer
+
+    rows, started = [], time.perf_counter()
+    print(f"{len(runs)} runs on {setup.backend.name}: {budget}; {setup.train_src.n_rows} training tokens, "
+          f"{setup.eval_src.n_rows} held-out", flush=True)
+    for i, run in enumerate(runs):
+        t0 = time.perf_counter()
+        result = Trainer(run.cfg, setup.tc, setup.train_src, setup.backend, progress=setup.progress).run()
+        row = measure(run, result.sae, setup.eval_src, setup.held[:budget["fidelity_texts"]], args.layer,
+                      setup.model)
+        row["train_seconds"] = round(time.perf_counter() - t0, 1)
+        if checkpoints is not None:
+            row["checkpoint"] = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in run.name)
+            save(result.sae, checkpoints / row["checkpoint"])
+        rows.append(row)
+        print(f"{run.name:>20}: FVU {row['fvu']:.4f}  dup {row['duplication']:.3f}  "
+              f"fidelity {row['fidelity']:.3f}  ({row['train_seconds']} s)", flush=True)
+    meta = {"backend": setup.backend.name, "budget": budget, "layer": args.layer, "seed": args.seed,
+            "train_config": setup.tc.to_dict(), "training_tokens": setup.train_src.n_rows,
+            "held_out_tokens": setup.eval_src.n_rows, "seconds": round(time.perf_counter() - started, 1)}
+    return rows, meta
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", default="runs/paper", help="output directory (default runs/paper)")
-    p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test")
-    p.add_argument("--backend", help="numpy, torch, jax or mlx (default: torch if installed)")
-    p.add_argument("--width", type=int, help=f"dense width m = expert width when FLOP-matched "
-                                             f"(default {FULL['width']}, quick {QUICK['width']})")
-    p.add_argument("--k", type=int, help=f"active latents (default {FULL['k']}, quick {QUICK['k']})")
+    add_common_args(p, FULL, QUICK, "runs/paper", "dense width m = expert width when FLOP-matched")
     p.add_argument("--experts", type=int, nargs="+", help=f"Switch expert counts (default {FULL['experts']})")
-    p.add_argument("--steps", type=int, help=f"updates per run (default {FULL['steps']}, quick {QUICK['steps']})")
-    p.add_argument("--batch-size", type=int, help=f"tokens per update (default {FULL['batch_size']})")
-    p.add_argument("--max-texts", type=int, help="use only the first texts (default all; quick 100)")
-    p.add_argument("--fidelity-texts", type=int, help="held-out texts for the fidelity splice (default 64)")
-    p.add_argument("--layer", type=int, default=3, help="MiniLM hidden-state index (default 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    budget = dict(QUICK if args.quick else FULL)
-    budget.update({key: getattr(args, key) for key in budget if getattr(args, key) is not None})
-
-    from switchsae import get_backend
-    from switchsae.cli import DEFAULTS, default_backend
-    from switchsae.evaluation import load_model
-    from switchsae.training import TrainConfig, Trainer
-
-    backend = get_backend(args.backend or default_backend())
+    budget = budget_from(args, FULL, QUICK)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
-    train_src, eval_src, held = load_data(args.layer, budget["batch_size"], args.seed,
-                                          budget["max_texts"], progress)
+    setup = prepare(args, budget)
     try:
-        runs = plan(train_src.d_in, budget["width"], budget["k"], budget["experts"],
-                    auxk_coef=DEFAULTS["auxk_coef"], dead_tokens=DEFAULTS["dead_tokens"])
+        runs = plan(setup.train_src.d_in, budget["width"], budget["k"], budget["experts"], **cfg_defaults())
     except ValueError as e:
         p.error(str(e))
-    tc = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=DEFAULTS["lr"],
-                     warmup_steps=min(DEFAULTS["warmup"], budget["steps"] // 2), seed=args.seed,
-                     log_every=max(1, budget["steps"] // 10))
-    model = load_model()
-    rows, started = [], time.perf_counter()
-    print(f"{len(runs)} runs on {backend.name}: {budget}; {train_src.n_rows} training tokens, "
-          f"{eval_src.n_rows} held-out", flush=True)
-    for run in runs:
-        t0 = time.perf_counter()
-        result = Trainer(run.cfg, tc, train_src, backend, progress=progress).run()
-        row = measure(run, result.sae, eval_src, held[:budget["fidelity_texts"]], args.layer, model)
-        row["train_seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        print(f"{run.name:>20}: FVU {row['fvu']:.4f}  dup {row['duplication']:.3f}  "
-              f"fidelity {row['fidelity']:.3f}  ({row['train_seconds']} s)", flush=True)
-    meta = {"backend": backend.name, "budget": budget, "layer": args.layer, "seed": args.seed,
-            "train_config": tc.to_dict(), "training_tokens": train_src.n_rows,
-            "held_out_tokens": eval_src.n_rows, "seconds": round(time.perf_counter() - started, 1)}
+    rows, meta = train_all(runs, setup, budget, args)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     md = (f"# Switch SAE vs dense TopK on MiniLM-L6 layer {args.layer}\n\n"
           f"{budget['steps']} steps x {budget['batch_size']} tokens, k = {budget['k']}, dense width "
-          f"{budget['width']}, backend {backend.name}; metrics on {eval_src.n_rows} held-out tokens, "
-          f"fidelity on {min(len(held), budget['fidelity_texts'])} held-out texts.\n\n{table(rows)}\n{LEGEND}")
+          f"{budget['width']}, backend {meta['backend']}; metrics on {meta['held_out_tokens']} held-out tokens, "
+          f"fidelity on {min(len(setup.held), budget['fidelity_texts'])} held-out texts.\n\n{table(rows)}\n{LEGEND}")
     (out / "results.md").write_text(md)
     plot(rows, out)
     print(md)

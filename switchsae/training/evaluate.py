@@ -60,8 +60,8 @@ def evaluate(sae, source, max_tokens: int | None = None) -> EvalResult:
     if total < 1:
         raise ValueError(f"nothing to evaluate: max_tokens={max_tokens}, source rows={source.n_rows}")
     seen, sums = 0, {"fvu": 0.0, "nmse": 0.0, "l0": 0.0}
-    counter = be.asarray(np.zeros(cfg.n_latents, dtype=np.float32))
-    fires = be.asarray(np.zeros(cfg.n_latents, dtype=np.float32))
+    counter = be.asarray(np.zeros(cfg.total_latents, dtype=np.float32))
+    fires = be.asarray(np.zeros(cfg.total_latents, dtype=np.float32))
     load = np.zeros(cfg.n_experts)
     while seen < total:
         batch = source.next_batch()[: total - seen]
