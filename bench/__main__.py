@@ -31,7 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
     parser.add_argument("--out", default="bench-results", help="directory for results.json and the PNGs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (one thread is robust to a shared machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     backends = [load_backend(name) for name in args.backends.split(",") if name]
     os.makedirs(args.out, exist_ok=True)
@@ -42,7 +47,7 @@ def main(argv=None) -> int:
             print(f"[{backend.name}] has no {args.dtype}; skipped")
             continue
         results.append(run_backend(backend, args.grid, args.dtype, args.repeats))
-    record = {"machine": describe(backends), "grid": args.grid, "dtype": args.dtype,
+    record = {"machine": describe(backends), "grid": args.grid, "dtype": args.dtype, "threads": args.threads,
               "seconds": time.perf_counter() - start, "results": results}
     path = os.path.join(args.out, "results.json")
     with open(path + ".tmp", "w") as f:
