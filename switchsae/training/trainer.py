@@ -116,7 +116,7 @@ class Trainer:
         params["b_pre"], params["b_router"] = median, median.copy()
         self.params = SwitchSAE.from_params(self.cfg, params, self.backend).params
         self.opt_state = adam_init(self.params, self.backend.xp)
-        self.counter = self.backend.asarray(np.zeros(self.cfg.n_latents, dtype=np.float32))
+        self.counter = self.backend.asarray(np.zeros(self.cfg.total_latents, dtype=np.float32))
         return scaled
 
     # -- the loop -------------------------------------------------------------------------
