@@ -3,6 +3,7 @@
     switchsae train                      # MiniLM-L6 activations of Python's docs, ~2 min on CPU
     switchsae train --data SHARDS --experts 16 --k 64 --steps 5000 --out runs/big
     switchsae train --resume runs/big    # continue after an interruption, same data order
+    torchrun --nproc-per-node 2 -m switchsae train --parallel data --data SHARDS   # 2 processes
     switchsae eval runs/big [SHARDS]     # FVU, nMSE, L0, dead fraction, expert load
     switchsae harvest OUT --text corpus.txt --layer 3
     switchsae inspect runs/big --out browser   # static feature browser (opens from disk)
@@ -123,6 +124,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--dead-tokens", type=int, help=f"tokens without firing = dead (default {d['dead_tokens']})")
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")
     t.add_argument("--seed", type=int, help=f"initialisation and data-order seed (default {d['seed']})")
+    t.add_argument("--parallel", choices=("data", "expert"),
+                   help="train on the processes of a torchrun launch (torch backend): 'data' splits every "
+                        "batch, 'expert' also splits the experts; rank 0 writes the outputs")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
     o.add_argument("--resume", metavar="DIR",
@@ -172,11 +176,50 @@ def default_backend() -> str:
 
 
 def cmd_train(args) -> int:
+    if args.parallel:
+        return _train_distributed(args)
     from switchsae import get_backend
+
+    return _train(args, get_backend(args.backend or default_backend()))
+
+
+def _train_distributed(args) -> int:
+    """`switchsae train --parallel data|expert`, on every rank of a torchrun launch."""
+    if (args.backend or "torch") != "torch":
+        raise CLIError(f"--parallel trains with torch.distributed: use --backend torch, not {args.backend}")
+    try:
+        import torch.distributed as dist
+
+        from switchsae.backends.torch import distributed
+    except ImportError as e:
+        raise CLIError(f"--parallel needs torch (pip install 'switchsae[torch]'): {e}") from e
+    try:
+        distributed.init_from_env()
+        backend = distributed.parallel_backend(args.parallel)
+    except distributed.DistributedError as e:
+        raise CLIError(str(e)) from e
+    try:
+        return _train(args, backend)
+    finally:
+        if dist.is_initialized():  # failed before the end: no barrier, other ranks may be gone
+            dist.destroy_process_group()
+
+
+def _train(args, backend) -> int:
     from switchsae.training import DataSpec, Trainer, build_sources
 
-    backend = get_backend(args.backend or default_backend())
-    progress = not args.no_progress
+    main = getattr(backend, "rank", 0) == 0  # distributed: rank 0 alone prints and writes
+    progress = not args.no_progress and main
+
+    def sources(spec, batch_size, seed):
+        """Rank 0 first (it may harvest into the cache), then the others (they read it)."""
+        if not main:
+            backend.barrier()
+        built = build_sources(spec, batch_size, seed, progress)
+        if main and hasattr(backend, "barrier"):
+            backend.barrier()
+        return built
+
     if args.resume:
         given = [f"--{name.replace('_', '-')}" for name in _RUN_OPTIONS
                  if getattr(args, name) not in (None, False)]
@@ -185,16 +228,24 @@ def cmd_train(args) -> int:
         state = _resume_state(args.resume)
         spec = DataSpec.from_dict(state["data_spec"])
         tc = state["train_config"]
-        train_src, eval_src, eval_label = build_sources(spec, tc["batch_size"], tc["seed"], progress)
+        train_src, eval_src, eval_label = sources(spec, tc["batch_size"], tc["seed"])
         trainer = Trainer.resume(args.resume, train_src, backend, progress=progress)
     else:
         spec, cfg, tc = _new_run(args)
-        train_src, eval_src, eval_label = build_sources(spec, tc.batch_size, tc.seed, progress)
+        train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
         trainer = Trainer(cfg, tc, train_src, backend, data_spec=spec.to_dict(), progress=progress)
-    print(f"training {trainer.cfg.n_experts} experts x {trainer.cfg.expert_width} latents, k={trainer.cfg.k}, "
-          f"on {spec.describe()} with {backend.name}; output {trainer.out_dir}", flush=True)
+    if main:
+        where = f" ({backend.parallel} parallel, {backend.world_size} processes)" \
+            if hasattr(backend, "parallel") else ""
+        print(f"training {trainer.cfg.n_experts} experts x {trainer.cfg.expert_width} latents, k={trainer.cfg.k}, "
+              f"on {spec.describe()} with {backend.name}{where}; output {trainer.out_dir}", flush=True)
     result = trainer.run()
-    _finish(args, trainer, result, spec, eval_src, eval_label)
+    if hasattr(backend, "parallel"):  # everything rank 0 needs is gathered: leave the group
+        from switchsae.backends.torch.distributed import shutdown
+
+        shutdown()
+    if main:
+        _finish(args, trainer, result, spec, eval_src, eval_label)
     return 0
 
 

@@ -18,6 +18,7 @@ from switchsae.core.config import ConfigError, SwitchSAEConfig
 from switchsae.core.dead_latents import dead_mask, update_tokens_since_fired
 from switchsae.core.init import geometric_median, init_params
 from switchsae.core.optim import AdamState, adam_init
+from switchsae.core.parallel import batch_rows, check_parallel
 from switchsae.core.train_step import train_step
 from switchsae.data import DataError
 from switchsae.model import SwitchSAE
@@ -58,6 +59,12 @@ class Trainer:
     configs, the dtype against the backend.  `run()` trains to `train_cfg.steps`;
     `Trainer.resume(path, source)` continues a checkpointed run exactly (same data order,
     same numbers).  data_spec: a JSON-able description of the source, stored for resuming.
+
+    Distributed (a backend from `switchsae.backends.torch.distributed.parallel_backend`, every
+    rank running this with the same source and configs): each rank reads every batch and
+    trains on its slice (`batch_size` is the global batch); rank 0 alone writes the metrics
+    and checkpoints (whole parameters, gathered); `run().sae` is None on the other ranks of an
+    expert-parallel run.
     """
 
     def __init__(self, cfg: SwitchSAEConfig, train_cfg: TrainConfig, source, backend=None, *,
@@ -72,6 +79,7 @@ class Trainer:
         self.step, self.elapsed, self.scale = 0, 0.0, 1.0
         self.params = self.opt_state = self.counter = None
         self.last_checkpoint: Path | None = None
+        self.is_main = getattr(self.backend, "rank", 0) == 0  # the process that writes
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -98,10 +106,13 @@ class Trainer:
         be, dtype = self.backend, self.cfg.dtype
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
         self.scale = float(state["activation_scale"])
-        self.params = {k: be.asarray(v, dtype) for k, v in unfold_scale(ckpt.params, self.scale).items()}
+
+        def native(arrays):  # whole NumPy arrays -> this process's part, on the backend
+            return self._local({k: be.asarray(v, dtype) for k, v in arrays.items()})
+
+        self.params = native(unfold_scale(ckpt.params, self.scale))
         opt = ckpt.optimizer
-        self.opt_state = AdamState(int(opt["step"]), *({k: be.asarray(v, dtype) for k, v in opt[kind].items()}
-                                                       for kind in ("m", "v")))
+        self.opt_state = AdamState(int(opt["step"]), native(opt["m"]), native(opt["v"]))
         self.counter = be.asarray(np.asarray(state["tokens_since_fired"], dtype=np.float32))
         self.source.load_state_dict(state["data_state"])
         self.last_checkpoint = ckpt.path
@@ -114,7 +125,7 @@ class Trainer:
         params = init_params(self.cfg, self.tc.seed)
         median = geometric_median(scaled.astype(np.float64), np_xp)
         params["b_pre"], params["b_router"] = median, median.copy()
-        self.params = SwitchSAE.from_params(self.cfg, params, self.backend).params
+        self.params = self._local(SwitchSAE.from_params(self.cfg, params, self.backend).params)
         self.opt_state = adam_init(self.params, self.backend.xp)
         self.counter = self.backend.asarray(np.zeros(self.cfg.total_latents, dtype=np.float32))
         return scaled
@@ -130,7 +141,7 @@ class Trainer:
         step_fn = self.backend.compile_step(
             functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm))
         pending = self._initialise(self._checked_batch()) if self.params is None else None
-        bar = tqdm(total=tc.steps, initial=self.step, unit="step", disable=not self.progress,
+        bar = tqdm(total=tc.steps, initial=self.step, unit="step", disable=not (self.progress and self.is_main),
                    desc=f"switch sae ({self.backend.name})", dynamic_ncols=True)
         window = [time.perf_counter(), 0]  # start time and tokens of the current log window
         try:
@@ -158,19 +169,24 @@ class Trainer:
     def _update(self, step_fn, x_np: np.ndarray):
         """One optimiser step on the (scaled) batch; -> (native batch, lr, ForwardOutput)."""
         be = self.backend
-        x = be.asarray(x_np, self.cfg.dtype)
+        x = be.asarray(be.local_batch(x_np) if hasattr(be, "local_batch") else x_np, self.cfg.dtype)
         lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup_steps, self.tc.decay_fraction)
         mask = dead_mask(self.counter, self.dead_tokens) if self.cfg.auxk_coef > 0 else None
         self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, mask)
         self.step += 1
         self._check_loss(out)
-        self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
+        if hasattr(be, "update_tokens_since_fired"):  # distributed: every rank's firings
+            self.counter = be.update_tokens_since_fired(self.counter, out.top_indices, out.top_values)
+        else:
+            self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
         return x, lr, out
 
     def _record(self, out, x, lr: float, window: list) -> dict:
         """The metrics line for this step; window: [start time, tokens] since the last line."""
         seconds = max(time.perf_counter() - window[0], 1e-9)
         self.elapsed += seconds
+        if hasattr(self.backend, "gather_outputs"):  # distributed: metrics of the whole batch
+            out, x = self.backend.gather_outputs(out, x)
         return {"step": self.step, "tokens": self.step * self.tc.batch_size, "lr": lr,
                 **step_metrics(out, x, self.counter, self.cfg, self.dead_tokens, self.backend),
                 "tokens_per_s": window[1] / seconds, "elapsed_s": self.elapsed}
@@ -178,7 +194,7 @@ class Trainer:
     def _open_log(self) -> MetricsLog | None:
         """The run's metrics file (cut back to the restored step when resuming); clears
         checkpoint directories that a killed run left half-written."""
-        if self.out_dir is None:
+        if self.out_dir is None or not self.is_main:
             return None
         root = self.out_dir / ckpt_io.CHECKPOINTS_DIR
         for torn in (root.glob(".step_*") if root.is_dir() else ()):
@@ -207,14 +223,23 @@ class Trainer:
         return f", last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ", nothing saved"
 
     # -- outputs --------------------------------------------------------------------------
-    def sae(self) -> SwitchSAE:
-        """The current model, for raw (unscaled) activations."""
-        return SwitchSAE.from_params(self.cfg, fold_scale(self._numpy(self.params), self.scale), self.backend)
+    def sae(self) -> SwitchSAE | None:
+        """The current model, for raw (unscaled) activations (None on the ranks other than 0
+        of an expert-parallel run: a collective there, every rank must call it)."""
+        params = self._numpy(self.params)
+        return None if params is None else SwitchSAE.from_params(self.cfg, fold_scale(params, self.scale),
+                                                                 self.backend)
 
     def save_checkpoint(self) -> Path:
-        """Write a resumable checkpoint `<out_dir>/checkpoints/step_<n>` and prune old ones."""
+        """Write a resumable checkpoint `<out_dir>/checkpoints/step_<n>` and prune old ones
+        (distributed: a collective that gathers the parameters; rank 0 writes)."""
         if self.out_dir is None:
             raise ConfigError("TrainConfig.out_dir is None: nowhere to write checkpoints")
+        params, m, v = (self._numpy(a) for a in (self.params, self.opt_state.m, self.opt_state.v))
+        path = self.out_dir / ckpt_io.CHECKPOINTS_DIR / f"step_{self.step:08d}"
+        if not self.is_main:
+            self.last_checkpoint = path
+            return path
         state = {
             "format_version": STATE_VERSION,
             "step": self.step,
@@ -226,19 +251,26 @@ class Trainer:
             "data_state": self.source.state_dict(),
             "tokens_since_fired": [float(c) for c in self.backend.to_numpy(self.counter)],
         }
-        optimizer = {"step": int(self.opt_state.step), "m": self._numpy(self.opt_state.m),
-                     "v": self._numpy(self.opt_state.v)}
-        path = self.out_dir / ckpt_io.CHECKPOINTS_DIR / f"step_{self.step:08d}"
-        ckpt_io.write_checkpoint(path, self.cfg, fold_scale(self._numpy(self.params), self.scale),
+        optimizer = {"step": int(self.opt_state.step), "m": m, "v": v}
+        ckpt_io.write_checkpoint(path, self.cfg, fold_scale(params, self.scale),
                                  optimizer=optimizer, trainer_state=state, overwrite=True)
         self.last_checkpoint = path
         for old in ckpt_io.list_checkpoints(self.out_dir)[:-self.tc.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def _numpy(self, arrays: dict) -> dict:
-        """NumPy copies (a backend may share memory with arrays it later updates in place)."""
+    def _numpy(self, arrays: dict) -> dict | None:
+        """NumPy copies (a backend may share memory with arrays it later updates in place) of
+        whole parameters or moments (distributed: gathered; None where they are not)."""
+        if hasattr(self.backend, "gather_params"):
+            arrays = self.backend.gather_params(arrays)
+            if arrays is None:
+                return None
         return {k: np.array(self.backend.to_numpy(v)) for k, v in arrays.items()}
+
+    def _local(self, arrays: dict) -> dict:
+        """Whole parameters or moments -> this process's part (expert parallel: its experts)."""
+        return self.backend.shard_params(arrays) if hasattr(self.backend, "shard_params") else arrays
 
 
 def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None:
@@ -254,3 +286,7 @@ def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None
         backend.dtype(cfg.dtype)
     except TypeError as e:
         raise ConfigError(str(e)) from e
+    mode = getattr(backend, "parallel", "")
+    if mode:  # distributed: equal batch slices (and whole experts per process)
+        check_parallel(cfg, backend.world_size, mode)
+        batch_rows(tc.batch_size, backend.world_size, 0)
