@@ -72,7 +72,7 @@ def _check_topk(got, ref, c, dtype):
     assert np.all(got_idx // m == expert[:, None]), "a TopK index lies outside the token's expert"
     H.assert_close(np.sort(got["top_values"], -1), np.sort(ref["top_values"], -1), dtype, "top_values")
     gate = ref["trace"].gates
-    acts = np.maximum(ref["trace"].pre, 0.0)
+    acts = ref["trace"].acts
     picked = np.take_along_axis(acts, got_idx - expert[:, None] * m, axis=-1) * gate
     H.assert_close(np.sort(picked, -1), np.sort(ref["top_values"], -1), dtype, "values at chosen indices")
     ordered = -np.sort(-acts, axis=-1)

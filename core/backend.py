@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DTYPES
-from .experts import decode_reference, encode_reference
+from .experts import decode_reference, encode_reference, relu
 from .topk import topk_reference
 
 
@@ -44,6 +44,15 @@ class Backend:
     def encode(self, x_centered, W_enc, b_enc, expert):
         """x_centered: (batch, d), W_enc: (N, d, m), expert: (batch,) -> pre-activations (batch, m)."""
         return encode_reference(x_centered, W_enc, b_enc, expert, self.xp)
+
+    def encode_topk(self, x_centered, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
+        """`encode`, relu and `topk` in one hook, so a backend can fuse them (and give the encoder
+        a backward that only touches the k kept latents).  Same shapes as `encode`
+        -> acts (batch, m) = relu(pre-activations), which a backend may return as None when not
+        keep_acts; values, indices: (batch, k) = topk(acts, k)."""
+        acts = relu(self.encode(x_centered, W_enc, b_enc, expert), self.xp)
+        values, indices = self.topk(acts, k)
+        return acts, values, indices
 
     def decode(self, values, indices, W_dec_flat):
         """values, indices: (batch, k); W_dec_flat: (N*m, d) -> (batch, d)."""

@@ -19,6 +19,11 @@ def encode_reference(x_centered, W_enc, b_enc, expert, xp):
     return xp.sum(all_pre * chosen[:, :, None], axis=1)
 
 
+def relu(pre, xp):
+    """max(pre, 0), elementwise (any shape)."""
+    return xp.where(pre > 0, pre, xp.zeros_like(pre))
+
+
 def decode_reference(values, indices, W_dec_flat, xp):
     """Sparse decode: sum_j values[:, j] * W_dec_flat[indices[:, j]].
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import losses as L
+from .experts import relu
 from .router import choose_experts, router_probs
 
 
@@ -35,7 +36,7 @@ class ForwardOutput(NamedTuple):
 class Trace(NamedTuple):
     """Every intermediate of the forward pass (for hand-derived gradients and debugging).
 
-    experts, gates: (batch, e); pre: (batch, e*m) pre-activations of the chosen experts;
+    experts, gates: (batch, e); acts: (batch, e*m) relu'd pre-activations of the chosen experts;
     cand_indices: (batch, k_routed) positions in the e*m candidates; aux_*: AuxK's
     (None when off); shared_pre: (batch, m_s), shared_indices: (batch, shared_k) (None without)."""
 
@@ -43,7 +44,7 @@ class Trace(NamedTuple):
     x_centered: object
     experts: object
     gates: object
-    pre: object
+    acts: object
     cand_indices: object
     aux_cand_indices: object
     aux_recon: object
@@ -63,7 +64,6 @@ class Encoding(NamedTuple):
     experts: object
     gates: object
     x_centered: object
-    pre: object
     acts: object
     cand_indices: object
     top_values: object
@@ -72,35 +72,42 @@ class Encoding(NamedTuple):
     shared_indices: object
 
 
-def encode(params: dict, x, cfg, backend) -> Encoding:
-    """Route, run the chosen experts' encoders and keep the top k_routed candidates."""
+def encode(params: dict, x, cfg, backend, keep_acts: bool = True) -> Encoding:
+    """Route, run the chosen experts' encoders and keep the top k_routed candidates.  Without
+    keep_acts a backend may leave Encoding.acts None (the values and indices are all that a
+    forward pass without AuxK needs)."""
     xp = backend.xp
     e, m = cfg.experts_per_token, cfg.expert_width
     probs = router_probs(x, params["b_router"], params["W_router"], xp)
     experts = choose_experts(probs, xp)[:, None] if e == 1 else backend.topk(probs, e)[1]
-    gates = _gates(probs, experts, cfg.router_scale, xp)
+    gates = gates_of(probs, experts, cfg.router_scale, xp)
     x_centered = x - params["b_pre"]
-    pre = xp.concat([backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, j])
-                     for j in range(e)], axis=-1) if e > 1 else \
-        backend.encode(x_centered, params["W_enc"], params.get("b_enc"), experts[:, 0])
-    acts = _relu(pre, xp)
-    top_values, cand_indices = _gated_topk(acts, gates, cfg.routed_k, m, backend)
-    top_indices = _global_ids(cand_indices, experts, m, xp)
+    W_enc, b_enc = params["W_enc"], params.get("b_enc")
+    if e == 1:  # the gate is a positive per-token scalar: TopK of the expert's acts, then gate
+        acts, kept, cand_indices = backend.encode_topk(x_centered, W_enc, b_enc, experts[:, 0], cfg.routed_k,
+                                                         keep_acts)
+        top_values = kept * gates
+    else:
+        acts = relu(xp.concat([backend.encode(x_centered, W_enc, b_enc, experts[:, j])
+                               for j in range(e)], axis=-1), xp)
+        top_values, cand_indices = gated_topk(acts, gates, cfg.routed_k, m, backend)
+    top_indices = global_ids(cand_indices, experts, m, xp)
     shared_pre = shared_indices = None
     if cfg.shared_latents:
-        shared_pre, shared_values, shared_indices = _shared_encode(params, x_centered, cfg, backend)
+        shared_pre, shared_values, shared_indices = shared_encode(params, x_centered, cfg, backend)
         top_values = xp.concat([top_values, shared_values], axis=-1)
         top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
-    return Encoding(probs, experts, gates, x_centered, pre, acts, cand_indices,
+    return Encoding(probs, experts, gates, x_centered, acts, cand_indices,
                     top_values, top_indices, shared_pre, shared_indices)
 
 
-def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
+def trace(params: dict, x, cfg, backend, dead_mask=None, keep_acts: bool = True) -> Trace:
     """Run the spec on `backend`'s arrays, keeping intermediates.
-    dead_mask: (total_latents,) bool or None; AuxK uses its routed part."""
+    dead_mask: (total_latents,) bool or None; AuxK uses its routed part.  Without keep_acts,
+    Trace.acts may be None unless AuxK needs them."""
     xp = backend.xp
     W_dec_flat = xp.reshape(params["W_dec"], (cfg.n_latents, cfg.d_in))
-    enc = encode(params, x, cfg, backend)
+    enc = encode(params, x, cfg, backend, keep_acts or uses_auxk(cfg, dead_mask))
     experts, k_r = enc.experts, cfg.routed_k
     x_hat = backend.decode(enc.top_values[:, :k_r], enc.top_indices[:, :k_r], W_dec_flat) + params["b_pre"]
     if cfg.shared_latents:
@@ -122,26 +129,22 @@ def trace(params: dict, x, cfg, backend, dead_mask=None) -> Trace:
         x_hat, expert, enc.probs, enc.top_values, enc.top_indices,
         {"mse": mse, "lb": lb, "auxk": auxk, "total": total},
     )
-    return Trace(out, enc.x_centered, experts, enc.gates, enc.pre, enc.cand_indices, *aux,
+    return Trace(out, enc.x_centered, experts, enc.gates, enc.acts, enc.cand_indices, *aux,
                  enc.shared_pre, enc.shared_indices)
 
 
 def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
     """The spec's forward pass and losses.  x: (batch, d) native array."""
-    return trace(params, x, cfg, backend, dead_mask).out
+    return trace(params, x, cfg, backend, dead_mask, keep_acts=False).out
 
 
-def _gates(probs, experts, router_scale, xp):
+def gates_of(probs, experts, router_scale, xp):
     """(batch, e): p[e_j] ("soft") or 1 ("hard")."""
     chosen = xp.take_along_axis(probs, experts, axis=-1)
     return xp.ones_like(chosen) if router_scale == "hard" else chosen
 
 
-def _relu(pre, xp):
-    return xp.where(pre > 0, pre, xp.zeros_like(pre))
-
-
-def _gated_topk(acts, gates, k, m, backend):
+def gated_topk(acts, gates, k, m, backend):
     """The k largest gated candidates gate_j * acts_j.  acts: (batch, e*m); gates: (batch, e)
     -> values (gated), candidate positions: (batch, k).  With one expert the gate is a
     positive per-token scalar, so it is applied to the k kept values only."""
@@ -154,7 +157,7 @@ def _gated_topk(acts, gates, k, m, backend):
     return backend.topk(gated, k)
 
 
-def _global_ids(cand_indices, experts, m, xp):
+def global_ids(cand_indices, experts, m, xp):
     """Candidate positions j*m + i -> global latent ids experts[:, j]*m + i.  (batch, k)."""
     if experts.shape[-1] == 1:
         return cand_indices + xp.astype(experts, cand_indices.dtype) * m
@@ -163,21 +166,26 @@ def _global_ids(cand_indices, experts, m, xp):
     return owner * m + (cand_indices - slot * m)
 
 
-def _shared_encode(params, x_centered, cfg, backend):
+def shared_encode(params, x_centered, cfg, backend):
     """The always-on shared expert's own TopK of shared_k over m_s latents (ungated).
     -> pre (batch, m_s), values and local ids (batch, shared_k)."""
     xp = backend.xp
     pre = x_centered @ params["W_enc_shared"]
     if "b_enc_shared" in params:
         pre = pre + params["b_enc_shared"]
-    values, indices = backend.topk(_relu(pre, xp), cfg.shared_k)
+    values, indices = backend.topk(relu(pre, xp), cfg.shared_k)
     return pre, values, indices
+
+
+def uses_auxk(cfg, dead_mask) -> bool:
+    """Whether the loss has its AuxK term (a dead mask is given and auxk_coef > 0)."""
+    return dead_mask is not None and cfg.auxk_coef != 0
 
 
 def _auxk(x, x_hat, acts, gates, experts, W_dec_flat, cfg, backend, dead_mask):
     """AuxK term, or None when off: the top k_aux dead latents among each token's routed
     candidates reconstruct the detached residual x - x_hat (gated like the main decode)."""
-    if dead_mask is None or cfg.auxk_coef == 0:
+    if not uses_auxk(cfg, dead_mask):
         return None
     xp = backend.xp
     e, m = cfg.experts_per_token, cfg.expert_width
@@ -185,8 +193,8 @@ def _auxk(x, x_hat, acts, gates, experts, W_dec_flat, cfg, backend, dead_mask):
     dead_local = xp.concat([xp.take(routed_dead, experts[:, j], axis=0) for j in range(e)], axis=-1) \
         if e > 1 else xp.take(routed_dead, experts[:, 0], axis=0)
     dead_acts = xp.where(dead_local, acts, xp.zeros_like(acts))
-    aux_values, aux_cand = _gated_topk(dead_acts, gates, cfg.aux_k, m, backend)
-    aux_recon = backend.decode(aux_values, _global_ids(aux_cand, experts, m, xp), W_dec_flat)
+    aux_values, aux_cand = gated_topk(dead_acts, gates, cfg.aux_k, m, backend)
+    aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), W_dec_flat)
     residual = backend.stop_gradient(x - x_hat)
     n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))
     loss = L.auxk_loss(aux_recon, residual, n_dead, float(cfg.aux_k), x, xp)

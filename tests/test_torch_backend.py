@@ -18,12 +18,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import array_api_compat.numpy as np_xp
+import array_api_compat.torch as torch_xp
 from switchsae.backends import load_backend
 from switchsae.backends.torch import Backend as TorchBackend
-from switchsae.backends.torch import dispatch, sparse
+from switchsae.backends.torch import dispatch, optim, sparse
+from switchsae.backends.torch import topk as torch_topk
 from switchsae.backends.torch.decode import SparseDecode
 from switchsae.backends.torch.device import DeviceError, select_device
-from switchsae.backends.torch.encode import ExpertEncode
+from switchsae.backends.torch.encode import ExpertEncode, encode_topk
 from switchsae.conformance import harness as H
 from switchsae.conformance.cases import build
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
@@ -180,6 +183,37 @@ def test_expert_encode_gradcheck_and_definition():
     assert all(not g.any() for g in grads), "a zero upstream gradient (no entries) gives zeros"
 
 
+@pytest.mark.parametrize("n", [3, 1], ids=["three_experts", "one_expert"])
+def test_expert_encode_topk_gradcheck_and_definition(n):
+    """The fused encode -> relu -> TopK equals the three hooks composed; its gradients pass
+    gradcheck when only the kept values carry gradient (the sparse backward from (T, k)) and when
+    acts does too (the AuxK path)."""
+    g = torch.Generator().manual_seed(6)
+    T, d, m, k = 9, 4, 6, 2
+    x = torch.randn(T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(n, d, m, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, m, generator=g, dtype=torch.float64, requires_grad=True)
+    expert = torch.tensor([2, 0, 2, 2, 0, 2, 0, 0, 2]) % n  # expert 1 idle
+    want_acts = torch.relu(torch.einsum("td,tdm->tm", x, W[expert]) + b[expert]).detach()
+    want_v, want_i = topk_reference(want_acts.numpy(), k, np_xp)
+    acts, values, indices = encode_topk(x, W, b, expert, k)
+    assert_fast(acts, want_acts, "acts", 1e-12)
+    assert_fast(values, torch.from_numpy(want_v), "values", 1e-12)
+    np.testing.assert_array_equal(indices.numpy(), want_i)
+    assert encode_topk(x, W, b, expert, k, keep_acts=False)[0] is None
+
+    def kept(x, W, b):
+        return encode_topk(x, W, b, expert, k, keep_acts=False)[1]
+
+    def both(x, W, b):
+        acts, values, _ = encode_topk(x, W, b, expert, k)
+        return acts, values
+
+    assert torch.autograd.gradcheck(kept, (x, W, b))
+    assert torch.autograd.gradcheck(both, (x, W, b))
+    assert torch.autograd.gradcheck(lambda x, W: both(x, W, None), (x, W))
+
+
 def test_sparse_decode_gradcheck():
     g = torch.Generator().manual_seed(3)
     values = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -192,8 +226,6 @@ def test_sparse_decode_gradcheck():
 
 def test_topk_breaks_ties_towards_lower_index_like_the_spec():
     rng = np.random.default_rng(4)
-    import array_api_compat.numpy as np_xp
-
     for _ in range(100):
         T, n = rng.integers(1, 6), rng.integers(1, 14)
         k = int(rng.integers(1, n + 1))
@@ -204,12 +236,65 @@ def test_topk_breaks_ties_towards_lower_index_like_the_spec():
         np.testing.assert_array_equal(values.numpy(), want_v)
 
 
+def test_topk_breaks_ties_like_the_spec_on_wide_rows():
+    """Rows >= 16 k wide take `largest`'s bounded path; the tie rule must survive it."""
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        k = int(rng.integers(1, 6))
+        T, n = int(rng.integers(1, 40)), int(rng.integers(16 * (k + 1), 40 * (k + 1)))
+        acts = rng.integers(0, 6, size=(T, n)).astype(np.float32) * rng.integers(0, 2, size=(T, 1))
+        values, indices = be.topk(torch.from_numpy(acts), k)
+        want_v, want_i = topk_reference(acts, k, np_xp)
+        np.testing.assert_array_equal(indices.numpy(), want_i, err_msg=f"k={k}")
+        np.testing.assert_array_equal(values.numpy(), want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_largest_bounds_the_row_and_equals_torch_topk(dtype, monkeypatch):
+    """`largest` returns torch.topk's values (and, without ties, indices) while running torch.topk
+    only on a few candidates per row; a NaN row falls back to torch.topk on the whole row."""
+    widths, real_topk = [], torch.topk
+
+    def spy(t, k, *args, **kwargs):
+        widths.append(t.shape[-1])
+        return real_topk(t, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", spy)
+    g = torch.Generator().manual_seed(8)
+    for T, n, k in [(64, 1536, 33), (9, 100, 3), (5, 40, 2), (3, 1601, 1)]:
+        acts = torch.randn(T, n, generator=g, dtype=torch.float64).clamp_min(0).to(dtype)
+        widths.clear()
+        values, indices = torch_topk.largest(acts, k)
+        want = real_topk(acts, k, dim=-1)
+        assert torch.equal(values, want.values)
+        assert torch.equal(torch.gather(acts, 1, indices), want.values)
+        if dtype != torch.bfloat16:  # continuous values: no ties, the same indices
+            assert torch.equal(indices, want.indices)
+        assert max(widths) < n // 2, f"torch.topk ran on widths {widths} of rows {n} wide"
+    acts[0, 5] = float("nan")
+    values, indices = torch_topk.largest(acts, 1)
+    assert torch.equal(indices, real_topk(acts, 1, dim=-1).indices) and torch.isnan(values[0, 0])
+
+
 def test_topk_values_carry_gradient():
     acts = torch.tensor([[0.5, 2.0, 2.0, 1.0]], requires_grad=True)
     values, indices = be.topk(acts, 2)
     assert indices.tolist() == [[1, 2]]
     values.sum().backward()
     assert acts.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]
+
+
+def test_decoder_projection_and_renorm_work_block_by_block():
+    """The optimiser's row-wise decoder ops run in ~2 MiB blocks: a decoder spanning several
+    blocks (and a short last one) gets core's result."""
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(3, 700, 768, generator=g, dtype=torch.float64)  # 12.3 MiB: 7 blocks
+    W /= torch.linalg.vector_norm(W, dim=-1, keepdim=True)
+    grad = torch.randn(3, 700, 768, generator=g, dtype=torch.float64)
+    assert len(optim._row_blocks(W)) > 2
+    want = remove_parallel_grad(grad, W, torch_xp)
+    optim._remove_parallel_(grad, W)
+    assert_fast(grad, want, "decoder gradient without its parallel part", 1e-12)
 
 
 # -- fused optimiser step vs core's ---------------------------------------------------------
@@ -337,6 +422,7 @@ def test_allocation_check_catches_the_dense_reference_encoder():
 
     class DenseEncode(TorchBackend):
         encode = ReferenceHooks.encode
+        encode_topk = ReferenceHooks.encode_topk  # the standard-ops hook, calling encode above
 
     cfg = SwitchSAEConfig(d_in=16, n_latents=512, n_experts=8, k=4)
     shapes = _step_shapes(DenseEncode(), cfg, 256, use_update=True)

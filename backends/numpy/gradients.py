@@ -19,7 +19,7 @@ def loss_gradients(params: dict, x: np.ndarray, cfg, t: Trace, dead_mask=None) -
     W_dec_flat = params["W_dec"].reshape(n * m, d)
     grads = {name: np.zeros_like(p) for name, p in params.items()}
     grad_W_dec = grads["W_dec"].reshape(n * m, d)  # a view: writes land in grads["W_dec"]
-    acts = np.maximum(t.pre, 0.0)                  # (batch, e*m)
+    acts = t.acts                                  # (batch, e*m)
     slot_of = np.repeat(np.arange(e), m)           # candidate position -> slot
     routed = slice(0, cfg.routed_k)
 
@@ -46,7 +46,7 @@ def loss_gradients(params: dict, x: np.ndarray, cfg, t: Trace, dead_mask=None) -
 
     # candidates = gate_slot * relu(pre): to the gates and through relu to the encoders
     grad_gates = (grad_cand * acts).reshape(batch, e, m).sum(axis=-1)
-    grad_pre = grad_cand * gates[:, slot_of] * (t.pre > 0)
+    grad_pre = grad_cand * gates[:, slot_of] * (acts > 0)
     grad_x_centered = np.zeros_like(x)
     for j in range(e):
         pre_grad_j = grad_pre[:, j * m:(j + 1) * m]

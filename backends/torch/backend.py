@@ -1,8 +1,8 @@
 """PyTorch backend: the spec on torch tensors with fast hooks and autograd gradients.
 
-Hooks: grouped-GEMM expert dispatch with a sparse backward (`encode`), sparse gather decode with a
-sparse backward (`decode`), `torch.topk` with the spec's tie rule, and an in-place fused optimiser
-step (`update`).
+Hooks: grouped-GEMM expert dispatch with a sparse backward (`encode`, and fused with ReLU and
+TopK in `encode_topk`), sparse gather decode with a sparse backward (`decode`), `torch.topk` with
+the spec's tie rule, and an in-place fused optimiser step (`update`).
 Arrays live on `select_device()`: $SWITCHSAE_DEVICE, else CUDA when present, else CPU."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from switchsae.core.spec import ForwardOutput, forward
 from .decode import decode as sparse_decode
 from .device import select_device
 from .encode import encode as expert_encode
+from .encode import encode_topk as expert_encode_topk
 from .encode import latent_major
 from .optim import fused_update
 from .topk import topk_lowest_index_ties
@@ -60,6 +61,9 @@ class TorchBackend(Backend):
 
     def encode(self, x_centered, W_enc, b_enc, expert):
         return expert_encode(x_centered, W_enc, b_enc, expert)
+
+    def encode_topk(self, x_centered, W_enc, b_enc, expert, k, keep_acts=True):
+        return expert_encode_topk(x_centered, W_enc, b_enc, expert, k, keep_acts)
 
     def decode(self, values, indices, W_dec_flat):
         return sparse_decode(values, indices, W_dec_flat)

@@ -1,6 +1,10 @@
 """Sparse decode: x_hat[t] = sum_j values[t, j] W_dec_flat[indices[t, j]], W_dec as one (N*m, d)
 table, with a sparse backward: the table gradient touches only the selected rows and the values
-gradient is one dot product per selected row.  No dense (T, N*m) or (T, m) activation exists."""
+gradient is one dot product per selected row.  No dense (T, N*m) or (T, m) activation exists.
+
+Rows are processed in the order of their first latent, which groups a Switch SAE's tokens by
+expert: consecutive rows then read (and write) the same expert's block of the table, which stays
+in cache.  On CPU that halves the cost of the gathers and scatters against token order."""
 
 from __future__ import annotations
 
@@ -14,21 +18,35 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, indices, table):
-        pattern = fixed_pattern(indices, table.shape[0])
-        ctx.save_for_backward(values, indices, table)
-        return gather_sum(pattern, values.reshape(-1), table)
+        order = torch.argsort(indices[:, 0]) if indices.shape[1] else None
+        values, indices = _rows(values, order), _rows(indices, order)
+        ctx.save_for_backward(values, indices, table, order)
+        return _unorder(gather_sum(fixed_pattern(indices, table.shape[0]), values.reshape(-1), table), order)
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, table = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        values, indices, table, order = ctx.saved_tensors
+        grad_out = _rows(grad_out, order).contiguous()
         pattern = fixed_pattern(indices, table.shape[0])
         grad_values = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_values = sampled_dot(pattern, grad_out, table).view(values.shape)
+            grad_values = _unorder(sampled_dot(pattern, grad_out, table).view(values.shape), order)
         if ctx.needs_input_grad[2]:
             grad_table = scatter_outer(pattern, values.reshape(-1), grad_out)
         return grad_values, None, grad_table
+
+
+def _rows(t, order):
+    return t if order is None else t[order]
+
+
+def _unorder(t, order):
+    """Rows of t in `order` -> rows in the original order."""
+    if order is None:
+        return t
+    out = torch.empty_like(t)
+    out[order] = t
+    return out
 
 
 def decode(values, indices, table):

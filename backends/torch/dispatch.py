@@ -20,16 +20,17 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 class Routing(NamedTuple):
-    """perm: (T,) int64, token ids sorted by expert (stable); ends: (N,) int32, the end of each
-    expert's block of rows in the sorted order (cumulative token counts)."""
+    """perm: (T,) int64, token ids sorted by expert (stable), None with one expert (tokens are
+    already in order); ends: (N,) int32, the end of each expert's block of rows in the sorted
+    order (cumulative token counts)."""
 
-    perm: torch.Tensor
+    perm: torch.Tensor | None
     ends: torch.Tensor
 
 
 def route(expert: torch.Tensor, n_experts: int) -> Routing:
     """expert: (T,) int -> Routing (a stable argsort and cumulative counts; no host sync)."""
-    perm = torch.argsort(expert, stable=True)
+    perm = torch.argsort(expert, stable=True) if n_experts > 1 else None
     return Routing(perm, torch.cumsum(counts(expert, n_experts), 0).to(torch.int32))
 
 

@@ -1,6 +1,6 @@
-"""Expert encoder with a grouped-GEMM forward and a sparse backward.
+"""Expert encoders with a grouped-GEMM forward and a sparse backward.
 
-Forward: tokens sorted by expert, one grouped GEMM, unsorted: only each token's own expert runs.
+Forward: tokens sorted by expert, one grouped GEMM: only each token's own expert runs.
 Backward: after ReLU and TopK the gradient reaching the pre-activations is non-zero at most at
 the k (+ AuxK) kept positions of each row, so both gradients are sparse products over those
 entries (Gao et al. 2024): with c = expert * m + i the global latent of entry (t, i),
@@ -8,14 +8,20 @@ entries (Gao et al. 2024): with c = expert * m + i the global latent of entry (t
   dx[t]           = sum_i g[t, i] W_enc[e][:, i]   (gather_sum from that table)
 so nothing of size (T, N*m) or (T, N, m) is ever formed.  Both products read and write W_enc
 as an (N*m, d) table of latent rows: with a `latent_major` W_enc that is a view, otherwise a
-transposed copy each way."""
+transposed copy each way.
+
+`encode_topk` fuses encode, ReLU and TopK: it keeps the tokens in expert order from the GEMM to
+the backward (each expert's weights stay in cache for its run of tokens), and when only the kept
+values carry gradient (no AuxK) the backward starts from the (T, k) value gradient, with no
+(T, m) gradient at all."""
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import grouped_matmul, route
-from .sparse import accumulation_dtype, gather_sum, row_pattern, scatter_outer
+from .dispatch import Routing, grouped_matmul, route
+from .sparse import Pattern, accumulation_dtype, gather_sum, row_pattern, scatter_outer
+from .topk import topk_lowest_index_ties
 
 
 class ExpertEncode(torch.autograd.Function):
@@ -24,14 +30,8 @@ class ExpertEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_centered, W_enc, b_enc, expert):
         routing = route(expert, W_enc.shape[0])
-        if W_enc.shape[0] == 1:  # one expert (a plain TopK SAE): tokens are already in order
-            pre = grouped_matmul(x_centered, W_enc, routing.ends)
-        else:
-            pre = torch.empty((x_centered.shape[0], W_enc.shape[-1]), dtype=x_centered.dtype,
-                              device=x_centered.device)
-            pre[routing.perm] = grouped_matmul(x_centered[routing.perm], W_enc, routing.ends)
-        if b_enc is not None:
-            pre += b_enc[expert]
+        pre = _unsort(_sorted_pre(_sort(x_centered, routing), W_enc, b_enc, _sort(expert, routing),
+                                  routing.ends), routing)
         ctx.save_for_backward(x_centered, W_enc, expert)
         ctx.has_bias = b_enc is not None
         return pre
@@ -39,22 +39,102 @@ class ExpertEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pre):
         x_centered, W_enc, expert = ctx.saved_tensors
-        n, d, m = W_enc.shape
-        rows, local = torch.nonzero(grad_pre).unbind(1)  # row-major: rows ascending
-        values = grad_pre[rows, local]
-        pattern = row_pattern(rows, expert[rows] * m + local, grad_pre.shape[0], n * m)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            table = W_enc.transpose(1, 2).reshape(n * m, d)  # latent rows: a view if latent-major
-            grad_x = gather_sum(pattern, values, table)
-        if ctx.needs_input_grad[1]:
-            grad_W = scatter_outer(pattern, values, x_centered).view(n, m, d).transpose(1, 2)
-            if grad_W.stride() != W_enc.stride():  # give the gradient its parameter's layout
-                grad_W = torch.empty_like(W_enc).copy_(grad_W)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            acc = values.new_zeros(n * m, dtype=accumulation_dtype(values.dtype))
-            grad_b = acc.index_add_(0, pattern.cols, values.to(acc.dtype)).view(n, m).to(values.dtype)
-        return grad_x, grad_W, grad_b, None
+        pattern, values = _dense_entries(grad_pre, expert, W_enc.shape[-1], W_enc.shape[0])
+        return (*_sparse_backward(ctx, pattern, values, x_centered, W_enc), None)
+
+
+class ExpertEncodeTopK(torch.autograd.Function):
+    """(x_centered (T, d), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts)
+    -> acts (T, m) = relu(pre) (None without keep_acts), values (T, k), indices (T, k) = TopK of
+    acts (spec tie rule)."""
+
+    @staticmethod
+    def forward(ctx, x_centered, W_enc, b_enc, expert, k, keep_acts):
+        routing = route(expert, W_enc.shape[0])
+        x_sorted, expert_sorted = _sort(x_centered, routing), _sort(expert, routing)
+        acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
+        values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
+        acts = _unsort(acts_sorted, routing) if keep_acts else None
+        indices = _unsort(indices_sorted, routing)
+        ctx.save_for_backward(x_sorted, W_enc, expert_sorted, routing.perm, acts,
+                              values_sorted, indices_sorted)
+        ctx.has_bias = b_enc is not None
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        return acts, _unsort(values_sorted, routing), indices
+
+    @staticmethod
+    def backward(ctx, grad_acts, grad_values, _):
+        x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
+        routing = Routing(perm, None)
+        n_rows, (n, _, m) = x_sorted.shape[0], W_enc.shape
+        if grad_values is None:
+            grad_values = values_sorted.new_zeros(values_sorted.shape)
+        else:
+            grad_values = _sort(grad_values, routing)
+        kept_grad = grad_values * (values_sorted > 0)  # through relu: zero where acts == 0
+        if grad_acts is None:  # only the kept values carry gradient: k entries per row
+            k = indices_sorted.shape[1]
+            rows = torch.arange(n_rows, device=x_sorted.device).repeat_interleave(k)
+            cols = (expert_sorted[:, None] * m + indices_sorted).reshape(-1)
+            row_ptr = torch.arange(0, n_rows * k + 1, k, device=x_sorted.device)
+            pattern, values = Pattern(rows, cols, row_ptr, n * m), kept_grad.reshape(-1)
+        else:  # acts is used too (AuxK): add the kept values' share to its dense gradient
+            grad_pre = _sort(grad_acts * (acts > 0), routing)
+            grad_pre.scatter_add_(1, indices_sorted, kept_grad)
+            pattern, values = _dense_entries(grad_pre, expert_sorted, m, n)
+        grad_x, grad_W, grad_b = _sparse_backward(ctx, pattern, values, x_sorted, W_enc)
+        if grad_x is not None:
+            grad_x = _unsort(grad_x, routing)
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def _sort(t: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Rows of t (T, ...) in expert order."""
+    return t if routing.perm is None else t[routing.perm]
+
+
+def _unsort(t_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Rows in expert order -> rows in token order."""
+    if routing.perm is None:
+        return t_sorted
+    out = torch.empty_like(t_sorted)
+    out[routing.perm] = t_sorted
+    return out
+
+
+def _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, ends):
+    """x_sorted: (T, d), expert_sorted: (T,) rows in expert order; ends: (N,) -> (T, m)."""
+    pre = grouped_matmul(x_sorted, W_enc, ends)
+    if b_enc is not None:
+        pre += b_enc[expert_sorted]
+    return pre
+
+
+def _dense_entries(grad_pre: torch.Tensor, expert: torch.Tensor, m: int, n_experts: int):
+    """The non-zero entries of a (T, m) pre-activation gradient: (Pattern over the global latents
+    expert * m + i, values (nnz,))."""
+    rows, local = torch.nonzero(grad_pre).unbind(1)  # row-major: rows ascending
+    values = grad_pre[rows, local]
+    return row_pattern(rows, expert[rows] * m + local, grad_pre.shape[0], n_experts * m), values
+
+
+def _sparse_backward(ctx, pattern: Pattern, values, x_rows, W_enc):
+    """Gradients of x_rows (T, d), W_enc (N, d, m) and b_enc from the pre-activation gradient's
+    entries `values` at `pattern` (rows of x_rows, global latents).  None where not needed."""
+    n, d, m = W_enc.shape
+    grad_x = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:
+        table = W_enc.transpose(1, 2).reshape(n * m, d)  # latent rows: a view if latent-major
+        grad_x = gather_sum(pattern, values, table)
+    if ctx.needs_input_grad[1]:
+        grad_W = scatter_outer(pattern, values, x_rows).view(n, m, d).transpose(1, 2)
+        if grad_W.stride() != W_enc.stride():  # give the gradient its parameter's layout
+            grad_W = torch.empty_like(W_enc).copy_(grad_W)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        acc = values.new_zeros(n * m, dtype=accumulation_dtype(values.dtype))
+        grad_b = acc.index_add_(0, pattern.cols, values.to(acc.dtype)).view(n, m).to(values.dtype)
+    return grad_x, grad_W, grad_b
 
 
 def latent_major(W_enc: torch.Tensor) -> torch.Tensor:
@@ -67,3 +147,9 @@ def latent_major(W_enc: torch.Tensor) -> torch.Tensor:
 def encode(x_centered, W_enc, b_enc, expert):
     """Pre-activations of each token's own expert: (T, d), (N, d, m), (N, m) | None, (T,) -> (T, m)."""
     return ExpertEncode.apply(x_centered, W_enc, b_enc, expert)
+
+
+def encode_topk(x_centered, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
+    """relu(encode(...)) and its TopK: -> acts (T, m) (None without keep_acts), values (T, k),
+    indices (T, k)."""
+    return ExpertEncodeTopK.apply(x_centered, W_enc, b_enc, expert, k, keep_acts)

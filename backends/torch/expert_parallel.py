@@ -121,23 +121,23 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
 
         probs = router_probs(x, p["b_router"], p["W_router"], xp)
         expert = choose_experts(probs, xp)
-        gates = spec._gates(probs, expert[:, None], cfg.router_scale, xp)
+        gates = spec.gates_of(probs, expert[:, None], cfg.router_scale, xp)
         x_centered = x - p["b_pre"]
         route = (_AllToAll if self.exchange == "all_to_all" else _AllGather)(self.comm, expert, n, lo, hi)
 
         # on the owner: this rank's experts on the tokens routed to them
         rows = route.dispatch(torch.cat([x_centered, gates], dim=1))
         local = route.local_expert[:, None]
-        pre = self.encode(rows[:, :d].contiguous(), p["W_enc"], p.get("b_enc"), route.local_expert)
-        acts = spec._relu(pre, xp)
-        values, cand = spec._gated_topk(acts, rows[:, d:], k_r, m, self)
+        acts, kept, cand = self.encode_topk(rows[:, :d].contiguous(), p["W_enc"], p.get("b_enc"),
+                                            route.local_expert, k_r, keep_acts=use_aux)
+        values = kept * rows[:, d:]  # gated as core.spec.encode
         table = p["W_dec"].reshape(-1, d)
-        recon = [self.decode(values, spec._global_ids(cand, local, m, xp), table)]
+        recon = [self.decode(values, spec.global_ids(cand, local, m, xp), table)]
         if use_aux:
             dead = dead_mask[:cfg.n_latents].reshape(n, m)[lo:hi][route.local_expert]
-            aux_values, aux_cand = spec._gated_topk(xp.where(dead, acts, xp.zeros_like(acts)),
+            aux_values, aux_cand = spec.gated_topk(xp.where(dead, acts, xp.zeros_like(acts)),
                                                    rows[:, d:], cfg.aux_k, m, self)
-            recon.append(self.decode(aux_values, spec._global_ids(aux_cand, local, m, xp), table))
+            recon.append(self.decode(aux_values, spec.global_ids(aux_cand, local, m, xp), table))
         back = route.combine(torch.cat(recon, dim=1))
         bits = torch.float64 if values.dtype == torch.float64 else torch.float32  # exact carrier
         ints = _SAME_SIZE_INT[bits]
@@ -145,10 +145,10 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
 
         # back on the tokens' rank: as core.spec.trace
         top_values = meta[:, :k_r].contiguous().view(bits).to(x.dtype)
-        top_indices = spec._global_ids(meta[:, k_r:].to(torch.int64), expert[:, None], m, xp)
+        top_indices = spec.global_ids(meta[:, k_r:].to(torch.int64), expert[:, None], m, xp)
         x_hat = back[:, :d] + p["b_pre"]
         if cfg.shared_latents:
-            _, shared_values, shared_ids = spec._shared_encode(p, x_centered, cfg, self)
+            _, shared_values, shared_ids = spec.shared_encode(p, x_centered, cfg, self)
             top_values = xp.concat([top_values, shared_values.detach()], axis=-1)
             top_indices = xp.concat([top_indices, shared_ids + cfg.n_latents], axis=-1)
             x_hat = x_hat + self.decode(shared_values, shared_ids, p["W_dec_shared"])

@@ -55,7 +55,8 @@ def fused_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=
          maximize=False)
 
     for n in decoders:
-        params[n].div_(torch.linalg.vector_norm(params[n], dim=-1, keepdim=True).add_(NORM_EPS))
+        for rows in _row_blocks(params[n]):
+            rows.div_(torch.linalg.vector_norm(rows, dim=-1, keepdim=True).add_(NORM_EPS))
     return dict(params), AdamState(state.step + 1, m, v)
 
 
@@ -71,6 +72,14 @@ def _memory_order(t):
 
 
 def _remove_parallel_(grad, W):
-    """grad -= <grad, w> w for every row w of W (..., d), without a temporary of W's size."""
-    parallel = torch.matmul(grad.unsqueeze(-2), W.unsqueeze(-1)).squeeze(-1)
-    grad.addcmul_(parallel, W, value=-1.0)
+    """grad -= <grad, w> w for every row w of W (..., d), block by block (see `_row_blocks`)."""
+    for g, w in zip(_row_blocks(grad), _row_blocks(W)):
+        g.addcmul_((g * w).sum(-1, keepdim=True), w, value=-1.0)
+
+
+def _row_blocks(t, block_bytes: int = 1 << 21):
+    """Views of t (..., d), contiguous, as consecutive (rows, d) blocks of ~2 MiB on CPU, so a
+    pass of several ops over a block finds it in cache; one block on GPUs."""
+    rows = t.view(-1, t.shape[-1])
+    size = rows.shape[0] if t.is_cuda else max(1, block_bytes // (rows.shape[1] * rows.element_size()))
+    return rows.split(size)

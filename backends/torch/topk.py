@@ -5,11 +5,17 @@ but moves gradient between tied latents, so rows with such a boundary tie (typic
 of AuxK's masked rows, or duplicated latents) are re-selected exactly: everything above the
 k-th value, then the lowest-index tied entries.  A tie is seen from one extra topk column, so
 rows without one cost nothing more; the fix is linear in the row width, no full sort.  Rows
-with equal kept values are then put in (value desc, index asc) order."""
+with equal kept values are then put in (value desc, index asc) order.
+
+On CPU, `torch.topk` of a few dozen out of thousands costs several times a pass over the row;
+`largest` first bounds the k-th value from below with block maxima (two cheap passes), so only the
+few entries above the bound go through topk."""
 
 from __future__ import annotations
 
 import torch
+
+from .sparse import counts
 
 
 def topk_lowest_index_ties(acts: torch.Tensor, k: int):
@@ -17,7 +23,7 @@ def topk_lowest_index_ties(acts: torch.Tensor, k: int):
     ascending index order.  values are gathered from acts, so gradients flow as for topk."""
     with torch.no_grad():
         wide = min(k + 1, acts.shape[-1])  # the (k+1)-th value shows a tie across the k-th place
-        kept, indices = torch.topk(acts, wide, dim=-1, sorted=True)
+        kept, indices = largest(acts, wide)
         kept, indices, after = kept[:, :k], indices[:, :k], kept[:, k:]
         kth = kept[:, -1:]
         if wide > k:
@@ -32,6 +38,34 @@ def topk_lowest_index_ties(acts: torch.Tensor, k: int):
         if rows.numel():
             indices[rows] = _order(kept[rows], indices[rows])
     return torch.gather(acts, 1, indices), indices
+
+
+def largest(acts: torch.Tensor, k: int):
+    """torch.topk(acts, k, dim=-1, sorted=True) for acts: (T, n) (ties in any order)."""
+    n_rows, n = acts.shape
+    if acts.is_cuda or n < _MIN_WIDTH_PER_K * k or n_rows == 0 or not acts.is_floating_point():
+        return torch.topk(acts, k, dim=-1, sorted=True)
+    # k groups of 2 strided blocks: each group's larger block maximum is at most its own maximum,
+    # so the k-th largest of the 2k block maxima is at most the k-th largest entry
+    n_blocks = 2 * k
+    size = n // n_blocks
+    maxima = acts[:, :n_blocks * size].view(n_rows, size, n_blocks).amax(1)
+    bound = torch.topk(maxima, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    rows, cols = torch.nonzero(acts >= bound, as_tuple=True)  # row-major: columns ascending
+    per_row = counts(rows, n_rows)
+    width = int(per_row.max())
+    if int(per_row.min()) < k or width > n // 2:  # NaNs, or too many ties at the bound
+        return torch.topk(acts, k, dim=-1, sorted=True)
+    slot = torch.arange(rows.shape[0], device=acts.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+    candidates = acts.new_full((n_rows, width), float("-inf"))
+    candidates[rows, slot] = acts[rows, cols]
+    positions = torch.zeros((n_rows, width), dtype=torch.int64, device=acts.device)
+    positions[rows, slot] = cols
+    values, chosen = torch.topk(candidates, k, dim=-1, sorted=True)
+    return values, torch.gather(positions, 1, chosen)
+
+
+_MIN_WIDTH_PER_K = 16  # narrower rows: torch.topk directly
 
 
 def _lowest_index_selection(acts, tied, kth, slots, k):
