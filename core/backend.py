@@ -45,12 +45,12 @@ class Backend:
         """x_centered: (batch, d), W_enc: (N, d, m), expert: (batch,) -> pre-activations (batch, m)."""
         return encode_reference(x_centered, W_enc, b_enc, expert, self.xp)
 
-    def encode_topk(self, x_centered, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
-        """`encode`, relu and `topk` in one hook, so a backend can fuse them (and give the encoder
-        a backward that only touches the k kept latents).  Same shapes as `encode`
-        -> acts (batch, m) = relu(pre-activations), which a backend may return as None when not
-        keep_acts; values, indices: (batch, k) = topk(acts, k)."""
-        acts = relu(self.encode(x_centered, W_enc, b_enc, expert), self.xp)
+    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
+        """`encode` of x - b_pre, relu and `topk` in one hook, so that a backend can fuse them
+        (and give the encoder a backward that touches only the k kept latents).  x: (batch, d);
+        b_pre: (d,); the rest as `encode` -> acts (batch, m) = relu(pre-activations), which a
+        backend may return as None when not keep_acts; values, indices: (batch, k) = topk(acts)."""
+        acts = relu(self.encode(x - b_pre, W_enc, b_enc, expert), self.xp)
         values, indices = self.topk(acts, k)
         return acts, values, indices
 

@@ -72,20 +72,21 @@ class Encoding(NamedTuple):
     shared_indices: object
 
 
-def encode(params: dict, x, cfg, backend, keep_acts: bool = True) -> Encoding:
+def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> Encoding:
     """Route, run the chosen experts' encoders and keep the top k_routed candidates.  Without
-    keep_acts a backend may leave Encoding.acts None (the values and indices are all that a
-    forward pass without AuxK needs)."""
+    keep_intermediates, Encoding.x_centered and (from a backend that skips them) acts may be
+    None where nothing else needs them: a forward pass without AuxK needs only the values and
+    indices."""
     xp = backend.xp
     e, m = cfg.experts_per_token, cfg.expert_width
     probs = router_probs(x, params["b_router"], params["W_router"], xp)
     experts = choose_experts(probs, xp)[:, None] if e == 1 else backend.topk(probs, e)[1]
     gates = gates_of(probs, experts, cfg.router_scale, xp)
-    x_centered = x - params["b_pre"]
+    x_centered = x - params["b_pre"] if keep_intermediates or e > 1 or cfg.shared_latents else None
     W_enc, b_enc = params["W_enc"], params.get("b_enc")
     if e == 1:  # the gate is a positive per-token scalar: TopK of the expert's acts, then gate
-        acts, kept, cand_indices = backend.encode_topk(x_centered, W_enc, b_enc, experts[:, 0], cfg.routed_k,
-                                                         keep_acts)
+        acts, kept, cand_indices = backend.encode_topk(x, params["b_pre"], W_enc, b_enc, experts[:, 0],
+                                                         cfg.routed_k, keep_intermediates)
         top_values = kept * gates
     else:
         acts = relu(xp.concat([backend.encode(x_centered, W_enc, b_enc, experts[:, j])
@@ -101,13 +102,13 @@ def encode(params: dict, x, cfg, backend, keep_acts: bool = True) -> Encoding:
                     top_values, top_indices, shared_pre, shared_indices)
 
 
-def trace(params: dict, x, cfg, backend, dead_mask=None, keep_acts: bool = True) -> Trace:
+def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: bool = True) -> Trace:
     """Run the spec on `backend`'s arrays, keeping intermediates.
-    dead_mask: (total_latents,) bool or None; AuxK uses its routed part.  Without keep_acts,
-    Trace.acts may be None unless AuxK needs them."""
+    dead_mask: (total_latents,) bool or None; AuxK uses its routed part.  Without
+    keep_intermediates, Trace.x_centered and Trace.acts may be None (see `encode`)."""
     xp = backend.xp
     W_dec_flat = xp.reshape(params["W_dec"], (cfg.n_latents, cfg.d_in))
-    enc = encode(params, x, cfg, backend, keep_acts or uses_auxk(cfg, dead_mask))
+    enc = encode(params, x, cfg, backend, keep_intermediates or uses_auxk(cfg, dead_mask))
     experts, k_r = enc.experts, cfg.routed_k
     x_hat = backend.decode(enc.top_values[:, :k_r], enc.top_indices[:, :k_r], W_dec_flat) + params["b_pre"]
     if cfg.shared_latents:
@@ -135,7 +136,7 @@ def trace(params: dict, x, cfg, backend, dead_mask=None, keep_acts: bool = True)
 
 def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
     """The spec's forward pass and losses.  x: (batch, d) native array."""
-    return trace(params, x, cfg, backend, dead_mask, keep_acts=False).out
+    return trace(params, x, cfg, backend, dead_mask, keep_intermediates=False).out
 
 
 def gates_of(probs, experts, router_scale, xp):

@@ -73,7 +73,7 @@ class SwitchSAE:
     def encode(self, x):
         """x: (batch, d_in) -> (top_values, top_indices, expert): (batch, k), (batch, k),
         (batch,) (or (batch, e) with several experts per token).  No decode, no losses."""
-        enc = spec.encode(self.params, self._check_input(x), self.cfg, self.backend)
+        enc = spec.encode(self.params, self._check_input(x), self.cfg, self.backend, keep_intermediates=False)
         experts = enc.experts[:, 0] if self.cfg.experts_per_token == 1 else enc.experts
         return enc.top_values, enc.top_indices, experts
 

@@ -186,32 +186,34 @@ def test_expert_encode_gradcheck_and_definition():
 @pytest.mark.parametrize("n", [3, 1], ids=["three_experts", "one_expert"])
 def test_expert_encode_topk_gradcheck_and_definition(n):
     """The fused encode -> relu -> TopK equals the three hooks composed; its gradients pass
-    gradcheck when only the kept values carry gradient (the sparse backward from (T, k)) and when
-    acts does too (the AuxK path)."""
+    gradcheck when only the kept values carry gradient (the sparse backward from (T, k), with
+    b_pre's gradient from per-latent sums when x needs none) and when acts does too (AuxK)."""
     g = torch.Generator().manual_seed(6)
     T, d, m, k = 9, 4, 6, 2
     x = torch.randn(T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b_pre = torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(n, d, m, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(n, m, generator=g, dtype=torch.float64, requires_grad=True)
     expert = torch.tensor([2, 0, 2, 2, 0, 2, 0, 0, 2]) % n  # expert 1 idle
-    want_acts = torch.relu(torch.einsum("td,tdm->tm", x, W[expert]) + b[expert]).detach()
+    want_acts = torch.relu(torch.einsum("td,tdm->tm", x - b_pre, W[expert]) + b[expert]).detach()
     want_v, want_i = topk_reference(want_acts.numpy(), k, np_xp)
-    acts, values, indices = encode_topk(x, W, b, expert, k)
+    acts, values, indices = encode_topk(x, b_pre, W, b, expert, k)
     assert_fast(acts, want_acts, "acts", 1e-12)
     assert_fast(values, torch.from_numpy(want_v), "values", 1e-12)
     np.testing.assert_array_equal(indices.numpy(), want_i)
-    assert encode_topk(x, W, b, expert, k, keep_acts=False)[0] is None
+    assert encode_topk(x, b_pre, W, b, expert, k, keep_acts=False)[0] is None
 
-    def kept(x, W, b):
-        return encode_topk(x, W, b, expert, k, keep_acts=False)[1]
+    def kept(x, b_pre, W, b):
+        return encode_topk(x, b_pre, W, b, expert, k, keep_acts=False)[1]
 
-    def both(x, W, b):
-        acts, values, _ = encode_topk(x, W, b, expert, k)
+    def both(x, b_pre, W, b):
+        acts, values, _ = encode_topk(x, b_pre, W, b, expert, k)
         return acts, values
 
-    assert torch.autograd.gradcheck(kept, (x, W, b))
-    assert torch.autograd.gradcheck(both, (x, W, b))
-    assert torch.autograd.gradcheck(lambda x, W: both(x, W, None), (x, W))
+    assert torch.autograd.gradcheck(kept, (x, b_pre, W, b))
+    assert torch.autograd.gradcheck(lambda b_pre, W, b: kept(x.detach(), b_pre, W, b), (b_pre, W, b))
+    assert torch.autograd.gradcheck(both, (x, b_pre, W, b))
+    assert torch.autograd.gradcheck(lambda b_pre, W: both(x.detach(), b_pre, W, None), (b_pre, W))
 
 
 def test_sparse_decode_gradcheck():
@@ -251,8 +253,8 @@ def test_topk_breaks_ties_like_the_spec_on_wide_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_largest_bounds_the_row_and_equals_torch_topk(dtype, monkeypatch):
-    """`largest` returns torch.topk's values (and, without ties, indices) while running torch.topk
-    only on a few candidates per row; a NaN row falls back to torch.topk on the whole row."""
+    """`largest` returns torch.topk's values (and, without ties, indices) without running
+    torch.topk on whole rows; a NaN row falls back to torch.topk on the whole row."""
     widths, real_topk = [], torch.topk
 
     def spy(t, k, *args, **kwargs):
@@ -270,9 +272,11 @@ def test_largest_bounds_the_row_and_equals_torch_topk(dtype, monkeypatch):
         assert torch.equal(torch.gather(acts, 1, indices), want.values)
         if dtype != torch.bfloat16:  # continuous values: no ties, the same indices
             assert torch.equal(indices, want.indices)
-        assert max(widths) < n // 2, f"torch.topk ran on widths {widths} of rows {n} wide"
+        assert all(w < n // 2 for w in widths), f"torch.topk ran on widths {widths} of rows {n} wide"
     acts[0, 5] = float("nan")
+    widths.clear()
     values, indices = torch_topk.largest(acts, 1)
+    assert widths == [acts.shape[1]], "the NaN row did not fall back to torch.topk"
     assert torch.equal(indices, real_topk(acts, 1, dim=-1).indices) and torch.isnan(values[0, 0])
 
 
@@ -284,17 +288,21 @@ def test_topk_values_carry_gradient():
     assert acts.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]
 
 
-def test_decoder_projection_and_renorm_work_block_by_block():
-    """The optimiser's row-wise decoder ops run in ~2 MiB blocks: a decoder spanning several
-    blocks (and a short last one) gets core's result."""
+def test_fused_update_works_block_by_block_on_a_large_decoder():
+    """The optimiser projects, clips and renormalises decoders in ~2 MiB blocks: a decoder
+    spanning several blocks (and a short last one) gets core's update."""
     g = torch.Generator().manual_seed(9)
     W = torch.randn(3, 700, 768, generator=g, dtype=torch.float64)  # 12.3 MiB: 7 blocks
-    W /= torch.linalg.vector_norm(W, dim=-1, keepdim=True)
-    grad = torch.randn(3, 700, 768, generator=g, dtype=torch.float64)
-    assert len(optim._row_blocks(W)) > 2
-    want = remove_parallel_grad(grad, W, torch_xp)
-    optim._remove_parallel_(grad, W)
-    assert_fast(grad, want, "decoder gradient without its parallel part", 1e-12)
+    params = {"W_dec": W / torch.linalg.vector_norm(W, dim=-1, keepdim=True),
+              "b_pre": torch.randn(768, generator=g, dtype=torch.float64)}
+    grads = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+    assert len(optim._row_blocks(params["W_dec"])) > 2
+    state = adam_init(params, torch_xp)
+    want, _ = _core_update(params, grads, state, 1e-2, 1e-1, torch_xp)
+    got, _ = optim.fused_update({n: p.clone() for n, p in params.items()},
+                                {n: t.clone() for n, t in grads.items()}, state, 1e-2, 1e-1)
+    for n in params:
+        assert_fast(got[n], want[n], n, 1e-12)
 
 
 # -- fused optimiser step vs core's ---------------------------------------------------------

@@ -62,8 +62,8 @@ class TorchBackend(Backend):
     def encode(self, x_centered, W_enc, b_enc, expert):
         return expert_encode(x_centered, W_enc, b_enc, expert)
 
-    def encode_topk(self, x_centered, W_enc, b_enc, expert, k, keep_acts=True):
-        return expert_encode_topk(x_centered, W_enc, b_enc, expert, k, keep_acts)
+    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
+        return expert_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts)
 
     def decode(self, values, indices, W_dec_flat):
         return sparse_decode(values, indices, W_dec_flat)

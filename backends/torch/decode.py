@@ -37,7 +37,7 @@ class SparseDecode(torch.autograd.Function):
 
 
 def _rows(t, order):
-    return t if order is None else t[order]
+    return t if order is None else t.index_select(0, order)
 
 
 def _unorder(t, order):
@@ -45,7 +45,7 @@ def _unorder(t, order):
     if order is None:
         return t
     out = torch.empty_like(t)
-    out[order] = t
+    out.index_copy_(0, order, t)
     return out
 
 

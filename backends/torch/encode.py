@@ -33,32 +33,30 @@ class ExpertEncode(torch.autograd.Function):
         pre = _unsort(_sorted_pre(_sort(x_centered, routing), W_enc, b_enc, _sort(expert, routing),
                                   routing.ends), routing)
         ctx.save_for_backward(x_centered, W_enc, expert)
-        ctx.has_bias = b_enc is not None
         return pre
 
     @staticmethod
     def backward(ctx, grad_pre):
         x_centered, W_enc, expert = ctx.saved_tensors
         pattern, values = _dense_entries(grad_pre, expert, W_enc.shape[-1], W_enc.shape[0])
-        return (*_sparse_backward(ctx, pattern, values, x_centered, W_enc), None)
+        return (*_sparse_backward(pattern, values, x_centered, W_enc, *ctx.needs_input_grad[:3]), None)
 
 
 class ExpertEncodeTopK(torch.autograd.Function):
-    """(x_centered (T, d), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts)
-    -> acts (T, m) = relu(pre) (None without keep_acts), values (T, k), indices (T, k) = TopK of
-    acts (spec tie rule)."""
+    """(x (T, d), b_pre (d,), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts)
+    -> acts (T, m) = relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) (None without
+    keep_acts), values (T, k), indices (T, k) = TopK of acts (spec tie rule)."""
 
     @staticmethod
-    def forward(ctx, x_centered, W_enc, b_enc, expert, k, keep_acts):
+    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts):
         routing = route(expert, W_enc.shape[0])
-        x_sorted, expert_sorted = _sort(x_centered, routing), _sort(expert, routing)
+        x_sorted, expert_sorted = _sort(x, routing) - b_pre, _sort(expert, routing)
         acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
         values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
         acts = _unsort(acts_sorted, routing) if keep_acts else None
         indices = _unsort(indices_sorted, routing)
         ctx.save_for_backward(x_sorted, W_enc, expert_sorted, routing.perm, acts,
                               values_sorted, indices_sorted)
-        ctx.has_bias = b_enc is not None
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
         return acts, _unsort(values_sorted, routing), indices
@@ -66,6 +64,7 @@ class ExpertEncodeTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_acts, grad_values, _):
         x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
+        need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad[:4]
         routing = Routing(perm, None)
         n_rows, (n, _, m) = x_sorted.shape[0], W_enc.shape
         if grad_values is None:
@@ -83,15 +82,16 @@ class ExpertEncodeTopK(torch.autograd.Function):
             grad_pre = _sort(grad_acts * (acts > 0), routing)
             grad_pre.scatter_add_(1, indices_sorted, kept_grad)
             pattern, values = _dense_entries(grad_pre, expert_sorted, m, n)
-        grad_x, grad_W, grad_b = _sparse_backward(ctx, pattern, values, x_sorted, W_enc)
-        if grad_x is not None:
-            grad_x = _unsort(grad_x, routing)
-        return grad_x, grad_W, grad_b, None, None, None
+        grad_x, grad_W, grad_b = _sparse_backward(pattern, values, x_sorted, W_enc, need_x, need_W, need_b)
+        grad_b_pre = None
+        if need_b_pre:  # d/d b_pre = -sum_t d/d x_t: one product with per-latent sums, not T
+            grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, W_enc)
+        return (_unsort(grad_x, routing) if need_x else None), grad_b_pre, grad_W, grad_b, None, None, None
 
 
 def _sort(t: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Rows of t (T, ...) in expert order."""
-    return t if routing.perm is None else t[routing.perm]
+    return t if routing.perm is None else t.index_select(0, routing.perm)
 
 
 def _unsort(t_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -99,7 +99,7 @@ def _unsort(t_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
     if routing.perm is None:
         return t_sorted
     out = torch.empty_like(t_sorted)
-    out[routing.perm] = t_sorted
+    out.index_copy_(0, routing.perm, t_sorted)
     return out
 
 
@@ -119,22 +119,39 @@ def _dense_entries(grad_pre: torch.Tensor, expert: torch.Tensor, m: int, n_exper
     return row_pattern(rows, expert[rows] * m + local, grad_pre.shape[0], n_experts * m), values
 
 
-def _sparse_backward(ctx, pattern: Pattern, values, x_rows, W_enc):
+def _sparse_backward(pattern: Pattern, values, x_rows, W_enc, need_x, need_W, need_b):
     """Gradients of x_rows (T, d), W_enc (N, d, m) and b_enc from the pre-activation gradient's
     entries `values` at `pattern` (rows of x_rows, global latents).  None where not needed."""
     n, d, m = W_enc.shape
     grad_x = grad_W = grad_b = None
-    if ctx.needs_input_grad[0]:
-        table = W_enc.transpose(1, 2).reshape(n * m, d)  # latent rows: a view if latent-major
-        grad_x = gather_sum(pattern, values, table)
-    if ctx.needs_input_grad[1]:
+    if need_x:
+        grad_x = gather_sum(pattern, values, _latent_rows(W_enc))
+    if need_W:
         grad_W = scatter_outer(pattern, values, x_rows).view(n, m, d).transpose(1, 2)
         if grad_W.stride() != W_enc.stride():  # give the gradient its parameter's layout
             grad_W = torch.empty_like(W_enc).copy_(grad_W)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        acc = values.new_zeros(n * m, dtype=accumulation_dtype(values.dtype))
-        grad_b = acc.index_add_(0, pattern.cols, values.to(acc.dtype)).view(n, m).to(values.dtype)
+    if need_b:
+        grad_b = _latent_sums(pattern, values).view(n, m).to(values.dtype)
     return grad_x, grad_W, grad_b
+
+
+def _latent_rows(W_enc):
+    """W_enc (N, d, m) as its (N*m, d) table of latent rows: a view if latent-major."""
+    n, d, m = W_enc.shape
+    return W_enc.transpose(1, 2).reshape(n * m, d)
+
+
+def _latent_sums(pattern: Pattern, values):
+    """(N*m,) sum of the entries at each latent, in the accumulation dtype."""
+    acc = values.new_zeros(pattern.n_cols, dtype=accumulation_dtype(values.dtype))
+    return acc.index_add_(0, pattern.cols, values.to(acc.dtype))
+
+
+def _latent_sum_product(pattern: Pattern, values, W_enc):
+    """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows."""
+    table = _latent_rows(W_enc)
+    sums = _latent_sums(pattern, values)
+    return (sums.to(table.dtype) @ table) if table.dtype == sums.dtype else (sums @ table.to(sums.dtype)).to(table.dtype)
 
 
 def latent_major(W_enc: torch.Tensor) -> torch.Tensor:
@@ -149,7 +166,7 @@ def encode(x_centered, W_enc, b_enc, expert):
     return ExpertEncode.apply(x_centered, W_enc, b_enc, expert)
 
 
-def encode_topk(x_centered, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
-    """relu(encode(...)) and its TopK: -> acts (T, m) (None without keep_acts), values (T, k),
-    indices (T, k)."""
-    return ExpertEncodeTopK.apply(x_centered, W_enc, b_enc, expert, k, keep_acts)
+def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
+    """relu(encode(x - b_pre, ...)) and its TopK: -> acts (T, m) (None without keep_acts),
+    values (T, k), indices (T, k)."""
+    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts)

@@ -128,8 +128,9 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
         # on the owner: this rank's experts on the tokens routed to them
         rows = route.dispatch(torch.cat([x_centered, gates], dim=1))
         local = route.local_expert[:, None]
-        acts, kept, cand = self.encode_topk(rows[:, :d].contiguous(), p["W_enc"], p.get("b_enc"),
-                                            route.local_expert, k_r, keep_acts=use_aux)
+        # the rows arrive centred (b_pre's gradient flows back through the exchange)
+        acts, kept, cand = self.encode_topk(rows[:, :d].contiguous(), x.new_zeros(d), p["W_enc"],
+                                            p.get("b_enc"), route.local_expert, k_r, keep_acts=use_aux)
         values = kept * rows[:, d:]  # gated as core.spec.encode
         table = p["W_dec"].reshape(-1, d)
         recon = [self.decode(values, spec.global_ids(cand, local, m, xp), table)]

@@ -29,24 +29,30 @@ def fused_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=
     names = list(params)
     # the fused kernel streams each param with its gradient and moments: one layout for all four
     grads, m, v = ({n: _in_layout_of(t[n], params[n]) for n in names} for t in (grads, state.m, state.v))
-    grad_list = [grads[n] for n in names]
     decoders = [n for n in DECODERS if n in params]
+
+    # project each decoder's raw gradient (scaling commutes with it) block by block, taking the
+    # blocks' norms for clipping on the way, while they are in cache
+    norms = []
+    for n in decoders:
+        for g, w in zip(_row_blocks(grads[n]), _row_blocks(params[n])):
+            if max_grad_norm is not None:
+                norms.append(torch.linalg.vector_norm(g))
+            g.addcmul_((g * w).sum(-1, keepdim=True), w, value=-1.0)
 
     device = params[names[0]].device
     fused = device.type in _get_fused_kernels_supported_devices()
     grad_scale = None
     if max_grad_norm is not None:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad_list)))
+        norms += torch._foreach_norm([grads[n] for n in names if n not in decoders])
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         scale = torch.clamp(max_grad_norm / (norm + CLIP_EPS), max=1.0)
-        if fused and grad_list[0].dtype != torch.float64:
+        if fused and grads[names[0]].dtype != torch.float64:
             # the fused kernel divides the gradients by a float32 grad_scale as it reads them,
             # which saves a pass (to within an ulp of core's multiply by scale)
             grad_scale = (1.0 / scale).float()
         else:
-            torch._foreach_mul_(grad_list, scale)
-
-    for n in decoders:  # scaling commutes with the projection: project the raw gradient
-        _remove_parallel_(grads[n], params[n])
+            torch._foreach_mul_([grads[n] for n in names], scale)
 
     steps = [torch.tensor(float(state.step), device=device) for _ in names]
     views = [[_memory_order(t[n]) for n in names] for t in (params, grads, m, v)]
@@ -69,12 +75,6 @@ def _memory_order(t):
     """t with its dimensions permuted into memory order: contiguous for any dense layout (e.g. a
     latent-major W_enc), so the fused kernel streams it; params, grads and moments share it."""
     return t.permute(sorted(range(t.ndim), key=lambda i: -t.stride(i)))
-
-
-def _remove_parallel_(grad, W):
-    """grad -= <grad, w> w for every row w of W (..., d), block by block (see `_row_blocks`)."""
-    for g, w in zip(_row_blocks(grad), _row_blocks(W)):
-        g.addcmul_((g * w).sum(-1, keepdim=True), w, value=-1.0)
 
 
 def _row_blocks(t, block_bytes: int = 1 << 21):

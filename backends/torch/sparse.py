@@ -117,8 +117,8 @@ def _(rows, cols, row_ptr, n_cols, src, table):
 def scatter_outer(p: Pattern, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """-> (n_cols, d) in src's dtype: out[c] = sum_{j: cols[j] = c} weights[j] * src[rows[j]]."""
     order = torch.argsort(p.cols, stable=True)
-    by_col = row_pattern(p.cols[order], p.rows[order], p.n_cols, p.n_rows)
-    return gather_sum(by_col, weights[order], src)
+    by_col = row_pattern(p.cols.index_select(0, order), p.rows.index_select(0, order), p.n_cols, p.n_rows)
+    return gather_sum(by_col, weights.index_select(0, order), src)
 
 
 # -- torch implementation -------------------------------------------------------------------

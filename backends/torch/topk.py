@@ -8,14 +8,14 @@ rows without one cost nothing more; the fix is linear in the row width, no full 
 with equal kept values are then put in (value desc, index asc) order.
 
 On CPU, `torch.topk` of a few dozen out of thousands costs several times a pass over the row;
-`largest` first bounds the k-th value from below with block maxima (two cheap passes), so only the
-few entries above the bound go through topk."""
+`largest` first bounds the k-th value from below with block maxima, so only the few entries above
+the bound are sorted.  The small selections run in NumPy, whose AVX-512 sorts and partitions
+(x86-simd-sort) are several times faster than ATen's on CPU; the arrays are shared, not copied."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-
-from .sparse import counts
 
 
 def topk_lowest_index_ties(acts: torch.Tensor, k: int):
@@ -43,26 +43,33 @@ def topk_lowest_index_ties(acts: torch.Tensor, k: int):
 def largest(acts: torch.Tensor, k: int):
     """torch.topk(acts, k, dim=-1, sorted=True) for acts: (T, n) (ties in any order)."""
     n_rows, n = acts.shape
-    if acts.is_cuda or n < _MIN_WIDTH_PER_K * k or n_rows == 0 or not acts.is_floating_point():
+    if acts.device.type != "cpu" or n < _MIN_WIDTH_PER_K * k or n_rows == 0 or not acts.is_floating_point():
         return torch.topk(acts, k, dim=-1, sorted=True)
-    # k groups of 2 strided blocks: each group's larger block maximum is at most its own maximum,
-    # so the k-th largest of the 2k block maxima is at most the k-th largest entry
-    n_blocks = 2 * k
-    size = n // n_blocks
-    maxima = acts[:, :n_blocks * size].view(n_rows, size, n_blocks).amax(1)
-    bound = torch.topk(maxima, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    rows, cols = torch.nonzero(acts >= bound, as_tuple=True)  # row-major: columns ascending
-    per_row = counts(rows, n_rows)
+    with torch.no_grad():
+        a = acts if acts.dtype in (torch.float32, torch.float64) else acts.float()
+        a = a.contiguous()
+        # 2k strided blocks: k of them have maxima >= the k-th largest maximum, which therefore
+        # bounds the k-th largest entry from below
+        n_blocks, size = 2 * k, n // (2 * k)
+        maxima = a[:, :n_blocks * size].view(n_rows, size, n_blocks).amax(1).numpy()
+        bound = np.partition(maxima, n_blocks - k, axis=-1)[:, n_blocks - k, None]
+        a = a.numpy()
+    flat = np.flatnonzero(a >= bound)  # row-major: each row's columns ascending
+    rows = flat // n
+    per_row = np.bincount(rows, minlength=n_rows)
     width = int(per_row.max())
-    if int(per_row.min()) < k or width > n // 2:  # NaNs, or too many ties at the bound
+    if per_row.min() < k or width > n // 2:  # NaNs, or too many ties at the bound
         return torch.topk(acts, k, dim=-1, sorted=True)
-    slot = torch.arange(rows.shape[0], device=acts.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
-    candidates = acts.new_full((n_rows, width), float("-inf"))
-    candidates[rows, slot] = acts[rows, cols]
-    positions = torch.zeros((n_rows, width), dtype=torch.int64, device=acts.device)
-    positions[rows, slot] = cols
-    values, chosen = torch.topk(candidates, k, dim=-1, sorted=True)
-    return values, torch.gather(positions, 1, chosen)
+    # row r's candidates, padded with -inf to `width`
+    dest = np.arange(flat.size) + np.repeat(np.arange(n_rows) * width - (np.cumsum(per_row) - per_row), per_row)
+    candidates = np.full(n_rows * width, -np.inf, dtype=a.dtype)
+    candidates[dest] = a.reshape(-1)[flat]
+    columns = np.zeros(n_rows * width, dtype=np.int64)
+    columns[dest] = flat - rows * n
+    order = np.argsort(-candidates.reshape(n_rows, width), axis=-1)[:, :k]
+    values = np.take_along_axis(candidates.reshape(n_rows, width), order, -1)
+    indices = np.take_along_axis(columns.reshape(n_rows, width), order, -1)
+    return torch.from_numpy(values).to(acts.dtype), torch.from_numpy(indices)
 
 
 _MIN_WIDTH_PER_K = 16  # narrower rows: torch.topk directly
