@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default=",".join(installed_backends()),
                         help="comma-separated backends (default: every installed one)")
     parser.add_argument("--grid", choices=("default", "quick"), default="default",
-                        help="default: d 768, M 24576, k 32, batch 4096 for torch/jax (smaller for numpy/mlx)")
+                        help="default: d 768, M 24576, k 32, batch 8192 (the paper's) for torch/jax (smaller for numpy/mlx)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
     parser.add_argument("--out", default="bench-results", help="directory for results.json and the PNGs")

@@ -23,6 +23,9 @@ from .timing import measure
 # Backends whose CPU build is far from the machine's speed (the NumPy reference encodes every
 # expert densely; MLX's Linux CPU matmul is ~20x slower than NumPy's) run a smaller grid.
 SMALL_GRID_BACKENDS = {"numpy", "mlx"}
+# The paper's configuration: GPT-2 small's residual stream (d 768), a 32x dictionary, k 32, and
+# dictionary_learning's ActivationBuffer batch of 8192 activations, which its trainer uses.
+PAPER_BATCH = 8192
 
 
 def grid(name: str, backend_name: str) -> dict:
@@ -33,7 +36,7 @@ def grid(name: str, backend_name: str) -> dict:
         return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16)],
                 "memory": [dict(base, n_experts=8, n_latents=M) for M in (1024, 4096)],
                 "naive": 16, "peak_size": 1024}
-    base = dict(d_in=768, n_latents=24576, k=32, batch=4096)
+    base = dict(d_in=768, n_latents=24576, k=32, batch=PAPER_BATCH)
     return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16, 32)],
             "memory": [dict(base, n_experts=16, n_latents=M) for M in (6144, 24576, 98304)],
             "naive": 16, "peak_size": 2048}
