@@ -280,6 +280,17 @@ def test_largest_bounds_the_row_and_equals_torch_topk(dtype, monkeypatch):
     assert torch.equal(indices, real_topk(acts, 1, dim=-1).indices) and torch.isnan(values[0, 0])
 
 
+def test_largest_falls_back_on_nans_anywhere_in_the_row():
+    """torch.topk ranks NaN above everything: a NaN inside a block or in the n mod 2k columns the
+    block maxima do not cover must send the selection to torch.topk."""
+    g = torch.Generator().manual_seed(10)
+    acts = torch.randn(50, 405, generator=g)  # k = 5: 10 blocks of 40 cover 400 columns
+    for row, col in [(40, 3), (10, 402)]:
+        nan = acts.clone()
+        nan[row, col] = float("nan")
+        assert torch.equal(torch_topk.largest(nan, 5)[1], torch.topk(nan, 5, dim=-1).indices)
+
+
 def test_topk_values_carry_gradient():
     acts = torch.tensor([[0.5, 2.0, 2.0, 1.0]], requires_grad=True)
     values, indices = be.topk(acts, 2)

@@ -13,7 +13,9 @@ transposed copy each way.
 `encode_topk` fuses encode, ReLU and TopK: it keeps the tokens in expert order from the GEMM to
 the backward (each expert's weights stay in cache for its run of tokens), and when only the kept
 values carry gradient (no AuxK) the backward starts from the (T, k) value gradient, with no
-(T, m) gradient at all."""
+(T, m) gradient at all.  It takes x and b_pre apart: when x needs no gradient (training), b_pre's
+is -sum_t dx[t] = -(per-latent sums of g) @ the latent table, one pass over W_enc instead of the
+(T, d) gather_sum."""
 
 from __future__ import annotations
 
@@ -151,7 +153,7 @@ def _latent_sum_product(pattern: Pattern, values, W_enc):
     """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows."""
     table = _latent_rows(W_enc)
     sums = _latent_sums(pattern, values)
-    return (sums.to(table.dtype) @ table) if table.dtype == sums.dtype else (sums @ table.to(sums.dtype)).to(table.dtype)
+    return (sums @ table.to(sums.dtype)).to(table.dtype)
 
 
 def latent_major(W_enc: torch.Tensor) -> torch.Tensor:

@@ -48,18 +48,32 @@ def largest(acts: torch.Tensor, k: int):
     with torch.no_grad():
         a = acts if acts.dtype in (torch.float32, torch.float64) else acts.float()
         a = a.contiguous()
-        # 2k strided blocks: k of them have maxima >= the k-th largest maximum, which therefore
-        # bounds the k-th largest entry from below
         n_blocks, size = 2 * k, n // (2 * k)
         maxima = a[:, :n_blocks * size].view(n_rows, size, n_blocks).amax(1).numpy()
-        bound = np.partition(maxima, n_blocks - k, axis=-1)[:, n_blocks - k, None]
         a = a.numpy()
+    found = _above_bound(a, maxima, k)
+    if found is None:
+        return torch.topk(acts, k, dim=-1, sorted=True)
+    return torch.from_numpy(found[0]).to(acts.dtype), torch.from_numpy(found[1])
+
+
+def _above_bound(a: np.ndarray, maxima: np.ndarray, k: int):
+    """The k largest entries of each row of a: (r, n), sorted, found among the few entries at or
+    above a lower bound of the k-th largest.  maxima (r, 2k): the maxima of 2k disjoint blocks of
+    each row; their k-th largest bounds the row's k-th largest entry from below (k blocks reach
+    it, each holding an entry at least that large).  -> values, indices (r, k); None when there
+    are NaNs (torch.topk ranks them above all) or a row has more than half its entries at the
+    bound (ties): then torch.topk does better."""
+    n_rows, n = a.shape
+    if np.isnan(maxima).any() or np.isnan(a[:, maxima.shape[1] * (n // maxima.shape[1]):]).any():
+        return None  # the maxima cover all but the last n mod 2k columns
+    bound = np.partition(maxima, k, axis=-1)[:, k, None]  # 2k maxima: the k-th largest
     flat = np.flatnonzero(a >= bound)  # row-major: each row's columns ascending
     rows = flat // n
     per_row = np.bincount(rows, minlength=n_rows)
     width = int(per_row.max())
-    if per_row.min() < k or width > n // 2:  # NaNs, or too many ties at the bound
-        return torch.topk(acts, k, dim=-1, sorted=True)
+    if width > n // 2:
+        return None
     # row r's candidates, padded with -inf to `width`
     dest = np.arange(flat.size) + np.repeat(np.arange(n_rows) * width - (np.cumsum(per_row) - per_row), per_row)
     candidates = np.full(n_rows * width, -np.inf, dtype=a.dtype)
@@ -67,9 +81,8 @@ def largest(acts: torch.Tensor, k: int):
     columns = np.zeros(n_rows * width, dtype=np.int64)
     columns[dest] = flat - rows * n
     order = np.argsort(-candidates.reshape(n_rows, width), axis=-1)[:, :k]
-    values = np.take_along_axis(candidates.reshape(n_rows, width), order, -1)
-    indices = np.take_along_axis(columns.reshape(n_rows, width), order, -1)
-    return torch.from_numpy(values).to(acts.dtype), torch.from_numpy(indices)
+    return (np.take_along_axis(candidates.reshape(n_rows, width), order, -1),
+            np.take_along_axis(columns.reshape(n_rows, width), order, -1))
 
 
 _MIN_WIDTH_PER_K = 16  # narrower rows: torch.topk directly
