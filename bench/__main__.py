@@ -28,6 +28,7 @@ def main(argv=None) -> int:
                         help="comma-separated backends (default: every installed one)")
     parser.add_argument("--grid", choices=("default", "quick"), default="default",
                         help="default: d 768, M 24576, k 32, batch 8192 (the paper's) for torch/jax (smaller for numpy/mlx)")
+    parser.add_argument("--batch", type=int, help="batch of the full-size torch/jax grid (default 8192)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
     parser.add_argument("--out", default="bench-results", help="directory for results.json and the PNGs")
@@ -46,8 +47,9 @@ def main(argv=None) -> int:
         if args.dtype not in backend.dtypes:
             print(f"[{backend.name}] has no {args.dtype}; skipped")
             continue
-        results.append(run_backend(backend, args.grid, args.dtype, args.repeats))
-    record = {"machine": describe(backends), "grid": args.grid, "dtype": args.dtype, "threads": args.threads,
+        results.append(run_backend(backend, args.grid, args.dtype, args.repeats, batch=args.batch))
+    record = {"machine": describe(backends), "grid": args.grid, "batch": args.batch, "dtype": args.dtype,
+              "threads": args.threads,
               "seconds": time.perf_counter() - start, "results": results}
     path = os.path.join(args.out, "results.json")
     with open(path + ".tmp", "w") as f:

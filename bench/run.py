@@ -28,15 +28,16 @@ SMALL_GRID_BACKENDS = {"numpy", "mlx"}
 PAPER_BATCH = 8192
 
 
-def grid(name: str, backend_name: str) -> dict:
-    """The configs to time: "speed" (N sweep at fixed width), "memory" (M sweep at fixed N)."""
+def grid(name: str, backend_name: str, batch: int | None = None) -> dict:
+    """The configs to time: "speed" (N sweep at fixed width), "memory" (M sweep at fixed N).
+    batch: replaces the full-size grid's batch (the paper's 8192)."""
     small = backend_name in SMALL_GRID_BACKENDS or name == "quick"
     if small:
         base = dict(d_in=128, n_latents=4096, k=16, batch=1024)
         return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16)],
                 "memory": [dict(base, n_experts=8, n_latents=M) for M in (1024, 4096)],
                 "naive": 16, "peak_size": 1024}
-    base = dict(d_in=768, n_latents=24576, k=32, batch=PAPER_BATCH)
+    base = dict(d_in=768, n_latents=24576, k=32, batch=batch or PAPER_BATCH)
     return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16, 32)],
             "memory": [dict(base, n_experts=16, n_latents=M) for M in (6144, 24576, 98304)],
             "naive": 16, "peak_size": 2048}
@@ -95,9 +96,9 @@ def naive_baseline(backend, cfg, batch: int, repeats: int) -> dict | None:
     return step_throughput(NaiveBackend(getattr(backend, "device", None)), cfg, batch, repeats)
 
 
-def run_backend(backend, grid_name: str, dtype: str, repeats: int, log=print) -> dict:
-    """Every measurement for one backend."""
-    g = grid(grid_name, backend.name)
+def run_backend(backend, grid_name: str, dtype: str, repeats: int, log=print, batch: int | None = None) -> dict:
+    """Every measurement for one backend (batch: see `grid`)."""
+    g = grid(grid_name, backend.name, batch)
     peak = matmul_peak(backend, dtype, g["peak_size"])
     log(f"[{backend.name}] matmul peak {peak['flop_per_s'] / 1e9:.1f} GFLOP/s ({dtype}, n={g['peak_size']})")
     speed, memory = [], []

@@ -7,7 +7,7 @@ PyTorch port): a Python loop over experts, each expert's tokens selected and enc
 Both run core.train_step.train_step as the Trainer does, so both use the backend's fused
 in-place optimiser update (TorchBackend.update).
 
-    python -m switchsae.bench.torch_speedup             # d 768, M 24576, k 32, batch 4096, fp32
+    python -m switchsae.bench.torch_speedup             # d 768, M 24576, k 32, batch 8192, fp32
     python -m switchsae.bench.torch_speedup --quick     # seconds-long smoke run
     python -m switchsae.bench.torch_speedup --out torch_speedup.json
 
@@ -32,9 +32,10 @@ from switchsae.core import losses as L
 from switchsae.core.spec import ForwardOutput
 
 from .machine import describe
+from .run import PAPER_BATCH
 from .timing import measure
 
-FULL = {"d_in": 768, "n_latents": 24576, "k": 32, "batch": 4096, "experts": (1, 8, 16, 32), "naive": 16}
+FULL = {"d_in": 768, "n_latents": 24576, "k": 32, "batch": PAPER_BATCH, "experts": (1, 8, 16, 32), "naive": 16}
 QUICK = {"d_in": 64, "n_latents": 1024, "k": 8, "batch": 512, "experts": (1, 8, 16), "naive": 16}
 TARGETS = {"N16_vs_N1": 6.0, "N16_vs_naive": 3.0}
 

@@ -26,6 +26,14 @@ def test_time_config_record_is_consistent():
         assert rec[part]["tokens_per_s"] > 0
 
 
+def test_full_grid_takes_the_papers_batch_unless_told():
+    for backend in ("torch", "jax"):
+        assert {c["batch"] for c in bench_run.grid("default", backend)["speed"]} == {bench_run.PAPER_BATCH}
+        sizes = bench_run.grid("default", backend, 4096)
+        assert {c["batch"] for c in sizes["speed"] + sizes["memory"]} == {4096}
+    assert {c["batch"] for c in bench_run.grid("default", "numpy", 4096)["speed"]} == {1024}  # small grid
+
+
 def test_matmul_peak_counts_2n3_flops():
     peak = bench_run.matmul_peak(load_backend("numpy"), "float32", 64, repeats=2)
     np.testing.assert_allclose(peak["flop_per_s"], 2 * 64**3 / peak["median_s"])
@@ -35,7 +43,7 @@ def test_cli_writes_json_and_plots(tmp_path, monkeypatch):
     tiny = {"speed": [dict(d_in=16, n_latents=64, k=4, batch=64, n_experts=n) for n in (1, 4)],
             "memory": [dict(d_in=16, n_latents=M, k=4, batch=64, n_experts=4) for M in (32, 64)],
             "naive": 4, "peak_size": 64}
-    monkeypatch.setattr(bench_run, "grid", lambda name, backend: tiny)
+    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None: tiny)
     monkeypatch.setattr("switchsae.bench.__main__.run_backend", bench_run.run_backend)
     assert bench_main(["--backends", "numpy", "--repeats", "1", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
