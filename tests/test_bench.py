@@ -57,3 +57,26 @@ def test_cli_writes_json_and_plots(tmp_path, monkeypatch):
                                    r["train_step"]["flop_per_s"] / res["matmul_peak"]["flop_per_s"])
     assert (tmp_path / "throughput.png").stat().st_size > 1000 and (tmp_path / "memory.png").stat().st_size > 1000
     assert plot(record, tmp_path)
+
+
+def test_peak_rss_sees_an_allocation_after_a_larger_one_was_freed():
+    """Memory a previous measurement freed (and the allocator kept) must not hide this one's: the
+    measure once reported 0 MiB for a step run after a bigger one."""
+    from switchsae.bench.memory import PeakRSS
+
+    big = np.ones(40_000_000)  # 320 MB, touched, then freed
+    del big
+    with PeakRSS() as rss:
+        a = np.ones(10_000_000)  # 80 MB
+        del a
+    assert 0.9 * 80e6 <= rss.peak_delta <= 1.5 * 80e6, (rss.peak_delta, rss.how)
+
+
+def test_mlx_peak_memory_uses_its_counter():
+    from switchsae.bench.memory import peak_memory
+
+    backend = load_backend("mlx")
+    import mlx.core as mx
+
+    peak, how = peak_memory(lambda: mx.ones((1000, 1000)) * 2.0, backend)
+    assert how == "mx.get_peak_memory" and 4e6 <= peak <= 1.2e7

@@ -150,6 +150,25 @@ def test_auxk_uses_the_dead_latents(tmp_path):
     assert any(r["loss_auxk"] > 0 for r in history if r["dead_fraction"] > 0)
 
 
+def test_auxk_is_skipped_exactly_while_no_latent_is_dead():
+    """The trainer passes no dead mask while none is dead: the same step as with an all-False
+    mask (AuxK is 0 with no gradient), without AuxK's work; a dead latent brings the mask back."""
+    cfg = CFG.replace(auxk_coef=1 / 32)
+    trainer = Trainer(cfg, tc(steps=5, dead_tokens=10**6), ArraySource(sparse_data(), 128), NUMPY,
+                      progress=False)
+    trainer.counter = np.zeros(cfg.total_latents, dtype=np.float32)  # as a fresh run starts
+    assert trainer._dead_mask() is None
+    x = sparse_data(128, seed=3)
+    params = init_params(cfg, 0)
+    with_mask = NUMPY.loss_and_grads(params, x, cfg, np.zeros(cfg.total_latents, dtype=bool))
+    without = NUMPY.loss_and_grads(params, x, cfg, None)
+    assert float(with_mask[0].losses["auxk"]) == 0.0
+    for name in params:
+        np.testing.assert_array_equal(with_mask[1][name], without[1][name], err_msg=name)
+    trainer.counter[7] = 10**6
+    assert trainer._dead_mask() is not None and bool(trainer._dead_mask()[7])
+
+
 @pytest.mark.parametrize("backend", [b for b in switchsae.installed_backends() if b != "numpy"])
 def test_every_backend_trains_with_the_same_loop(backend):
     """The loop only uses the Backend interface: each backend learns the data too."""

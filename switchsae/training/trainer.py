@@ -171,8 +171,7 @@ class Trainer:
         be = self.backend
         x = be.asarray(be.local_batch(x_np) if hasattr(be, "local_batch") else x_np, self.cfg.dtype)
         lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup_steps, self.tc.decay_fraction)
-        mask = dead_mask(self.counter, self.dead_tokens) if self.cfg.auxk_coef > 0 else None
-        self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, mask)
+        self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, self._dead_mask())
         self.step += 1
         self._check_loss(out)
         if hasattr(be, "update_tokens_since_fired"):  # distributed: every rank's firings
@@ -180,6 +179,15 @@ class Trainer:
         else:
             self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
         return x, lr, out
+
+    def _dead_mask(self):
+        """The dead latents AuxK revives, or None without AuxK work to do: when auxk_coef is 0, or
+        while no latent is dead (AuxK is then exactly 0, with no gradient, yet its TopK over
+        k_aux candidates and their decode would cost more than the rest of the step)."""
+        if self.cfg.auxk_coef == 0:
+            return None
+        mask = dead_mask(self.counter, self.dead_tokens)
+        return mask if bool(self.backend.xp.any(mask)) else None
 
     def _record(self, out, x, lr: float, window: list) -> dict:
         """The metrics line for this step; window: [start time, tokens] since the last line."""
