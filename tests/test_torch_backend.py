@@ -13,6 +13,8 @@ result's scale (~100x eps: summation order only)."""
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 
@@ -463,6 +465,28 @@ def test_conversions_and_scatter_add():
         be.asarray(a, "int8")
     out = be.scatter_add(torch.zeros(4), torch.tensor([1, 3, 1]), torch.tensor([1.0, 2.0, 4.0]))
     assert out.tolist() == [0.0, 5.0, 0.0, 2.0]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_cpu_backend_keeps_freed_memory_for_reuse(monkeypatch):
+    """After a CPU backend exists, a freed 64 MiB block stays resident and the next one reuses it
+    (glibc's default hands it back and page-faults a new one in)."""
+    from switchsae.backends.torch.device import KEEP_FREED_ENV_VAR, keep_freed_cpu_memory
+
+    assert be.device.type == "cpu" and keep_freed_cpu_memory()
+
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    first = torch.ones(16 * 2**20)
+    del first
+    before = rss()
+    second = torch.ones(16 * 2**20)
+    assert rss() - before < 8 * 2**20, "the freed block was not reused"
+    del second
+    monkeypatch.setenv(KEEP_FREED_ENV_VAR, "0")
+    assert keep_freed_cpu_memory.__wrapped__() is False
 
 
 def test_device_selection(monkeypatch):

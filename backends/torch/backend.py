@@ -3,7 +3,8 @@
 Hooks: grouped-GEMM expert dispatch with a sparse backward (`encode`, and fused with ReLU and
 TopK in `encode_topk`), sparse gather decode with a sparse backward (`decode`), `torch.topk` with
 the spec's tie rule, and an in-place fused optimiser step (`update`).
-Arrays live on `select_device()`: $SWITCHSAE_DEVICE, else CUDA when present, else CPU."""
+Arrays live on `select_device()`: $SWITCHSAE_DEVICE, else CUDA when present, else CPU; on CPU,
+freed memory is kept for reuse (`keep_freed_cpu_memory`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from switchsae.core.backend import Backend
 from switchsae.core.spec import ForwardOutput, forward
 
 from .decode import decode as sparse_decode
-from .device import select_device
+from .device import keep_freed_cpu_memory, select_device
 from .encode import encode as expert_encode
 from .encode import encode_topk as expert_encode_topk
 from .encode import latent_major
@@ -30,6 +31,8 @@ class TorchBackend(Backend):
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = select_device(str(device) if device is not None else None)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
