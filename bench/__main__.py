@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", choices=("default", "quick"), default="default",
                         help="default: d 768, M 24576, k 32, batch 8192 (the paper's) for torch/jax (smaller for numpy/mlx)")
     parser.add_argument("--batch", type=int, help="batch of the full-size torch/jax grid (default 8192)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
     parser.add_argument("--out", default="bench-results", help="directory for results.json and the PNGs")
     parser.add_argument("--threads", type=int, help="torch CPU threads (one thread is robust to a shared machine)")
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = []
     for backend in backends:
-        if args.dtype not in backend.dtypes:
+        if args.dtype and args.dtype not in backend.dtypes:
             print(f"[{backend.name}] has no {args.dtype}; skipped")
             continue
         results.append(run_backend(backend, args.grid, args.dtype, args.repeats, batch=args.batch))

@@ -31,8 +31,7 @@ def step_throughput(backend, cfg: SwitchSAEConfig, batch: int, repeats: int) -> 
     x = backend.asarray(np.random.default_rng(0).normal(size=(batch, cfg.d_in)), cfg.dtype)
     opt = adam_init(params, backend.xp)
     step = backend.compile_step(functools.partial(train_step, backend, cfg))
-    timing = measure(lambda: step(params, opt, x, cfg.default_lr), backend.block_until_ready,
-                     warmup=2, repeats=repeats)
+    timing = measure(lambda: step(params, opt, x, cfg.default_lr), backend, warmup=2, repeats=repeats)
     return {"d_in": cfg.d_in, "n_latents": cfg.n_latents, "n_experts": cfg.n_experts, "k": cfg.k,
             "batch": batch, "dtype": cfg.dtype, **timing, "tokens_per_s": batch / timing["median_s"]}
 

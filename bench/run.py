@@ -18,7 +18,7 @@ from switchsae.core.config import SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
 
 from .memory import peak_memory
-from .timing import measure
+from .timing import measure, timer_name
 
 # Backends whose CPU build is far from the machine's speed (the NumPy reference encodes every
 # expert densely; MLX's Linux CPU matmul is ~20x slower than NumPy's) run a smaller grid.
@@ -49,7 +49,7 @@ def matmul_peak(backend, dtype: str, size: int, repeats: int = 5) -> dict:
     a = backend.asarray(rng.normal(size=(size, size)), dtype)
     b = backend.asarray(rng.normal(size=(size, size)), dtype)
     matmul = backend.compile_forward(lambda a, b, _=None: a @ b)
-    t = measure(lambda: matmul(a, b), backend.block_until_ready, warmup=2, repeats=repeats)
+    t = measure(lambda: matmul(a, b), backend, warmup=2, repeats=repeats)
     return {"size": size, "flop_per_s": 2 * size**3 / t["median_s"], **t}
 
 
@@ -67,7 +67,7 @@ def time_config(backend, cfg: SwitchSAEConfig, batch: int, repeats: int) -> dict
     record = {"n_experts": cfg.n_experts, "n_latents": cfg.n_latents, "d_in": cfg.d_in, "k": cfg.k,
               "batch": batch, "dtype": cfg.dtype}
     for name, fn in (("encode", encode), ("forward", forward)):
-        t = measure(lambda fn=fn: fn(params, x), backend.block_until_ready, warmup=1, repeats=repeats)
+        t = measure(lambda fn=fn: fn(params, x), backend, warmup=1, repeats=repeats)
         record[name] = {**t, "tokens_per_s": batch / t["median_s"]}
 
     step = backend.compile_step(functools.partial(train_step, backend, cfg))
@@ -77,7 +77,7 @@ def time_config(backend, cfg: SwitchSAEConfig, batch: int, repeats: int) -> dict
         state["params"], state["opt"], out = step(state["params"], state["opt"], x, cfg.default_lr)
         return out.losses["total"]
 
-    t = measure(one_step, backend.block_until_ready, warmup=1, repeats=repeats)
+    t = measure(one_step, backend, warmup=1, repeats=repeats)
     flops = train_flops(cfg)["total"] * batch
     record["train_step"] = {**t, "tokens_per_s": batch / t["median_s"],
                             "useful_flop": flops, "flop_per_s": flops / t["median_s"]}
@@ -96,18 +96,29 @@ def naive_baseline(backend, cfg, batch: int, repeats: int) -> dict | None:
     return step_throughput(NaiveBackend(getattr(backend, "device", None)), cfg, batch, repeats)
 
 
-def run_backend(backend, grid_name: str, dtype: str, repeats: int, log=print, batch: int | None = None) -> dict:
-    """Every measurement for one backend (batch: see `grid`)."""
+def run_backend(backend, grid_name: str, dtype: str | None, repeats: int, log=print,
+                batch: int | None = None) -> dict:
+    """Every measurement for one backend (batch: see `grid`; dtype None: `default_dtype`).
+
+    The matmul peak is measured before the sweep and again after every config, and the roofline
+    fractions use the largest of these: a machine whose speed drifts during the run (shared,
+    thermally throttled) then cannot flatter a fraction."""
+    dtype = dtype or default_dtype(backend)
     g = grid(grid_name, backend.name, batch)
-    peak = matmul_peak(backend, dtype, g["peak_size"])
-    log(f"[{backend.name}] matmul peak {peak['flop_per_s'] / 1e9:.1f} GFLOP/s ({dtype}, n={g['peak_size']})")
+    peaks = [matmul_peak(backend, dtype, g["peak_size"])]
+    log(f"[{backend.name}] matmul peak {peaks[0]['flop_per_s'] / 1e9:.1f} GFLOP/s ({dtype}, n={g['peak_size']})")
     speed, memory = [], []
     for sizes in g["speed"]:
         cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
-        rec = time_config(backend, cfg, sizes["batch"], repeats)
+        speed.append(time_config(backend, cfg, sizes["batch"], repeats))
+        peaks.append(matmul_peak(backend, dtype, g["peak_size"]))
+        log(_row(backend.name, speed[-1], peaks[-1]["flop_per_s"]))
+    peak = max(peaks, key=lambda p: p["flop_per_s"])
+    for rec in speed:
         rec["train_step"]["roofline_fraction"] = rec["train_step"]["flop_per_s"] / peak["flop_per_s"]
-        speed.append(rec)
-        log(_row(backend.name, rec))
+    log(f"[{backend.name}] roofline fractions against the largest peak measured, "
+        f"{peak['flop_per_s'] / 1e9:.1f} GFLOP/s: "
+        + ", ".join(f"N={r['n_experts']} {r['train_step']['roofline_fraction']:.0%}" for r in speed))
     for sizes in g["memory"]:
         cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
         rec = time_config(backend, cfg, sizes["batch"], max(1, repeats // 2))
@@ -121,13 +132,21 @@ def run_backend(backend, grid_name: str, dtype: str, repeats: int, log=print, ba
     if naive is not None:
         speedups[f"N{g['naive']}_vs_naive_loop"] = by_n[g["naive"]] / naive["tokens_per_s"]
         log(f"[{backend.name}] naive loop N={g['naive']}: {naive['tokens_per_s']:.0f} tokens/s")
-    return {"backend": backend.name, "device": backend.device_name(), "dtype": dtype, "matmul_peak": peak,
+    return {"backend": backend.name, "device": backend.device_name(), "dtype": dtype,
+            "timer": timer_name(backend), "matmul_peak": peak,
+            "matmul_peaks_flop_per_s": [p["flop_per_s"] for p in peaks],
             "speed": speed, "memory": memory, "naive_loop": naive, "speedups": speedups}
 
 
-def _row(name, rec) -> str:
+def default_dtype(backend) -> str:
+    """bfloat16 on CUDA (what GPUs train SAEs in), float32 elsewhere."""
+    return "bfloat16" if backend.device_name().startswith("cuda") else "float32"
+
+
+def _row(name, rec, peak: float | None = None) -> str:
+    """One config's line; with the peak measured after it, the step's fraction of that peak."""
     step = rec["train_step"]
-    roof = step.get("roofline_fraction")
+    roof = step["flop_per_s"] / peak if peak else None
     return (f"[{name}] N={rec['n_experts']:>3} M={rec['n_latents']:>6}  encode {rec['encode']['tokens_per_s']:>9.0f}"
             f"  forward {rec['forward']['tokens_per_s']:>9.0f}  step {step['tokens_per_s']:>8.0f} tok/s"
             f" (spread {step['min_s'] * 1e3:.0f}-{step['max_s'] * 1e3:.0f} ms)"

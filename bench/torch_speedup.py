@@ -95,7 +95,7 @@ def step_throughput(backend, cfg, batch: int, repeats: int) -> dict:
         state["params"], state["opt"], out = step(state["params"], state["opt"], x, cfg.default_lr)
         return out.losses["total"]
 
-    timing = measure(run, backend.block_until_ready, warmup=1, repeats=repeats)
+    timing = measure(run, backend, warmup=1, repeats=repeats)
     return {"implementation": backend.name, "n_experts": cfg.n_experts,
             "d_in": cfg.d_in, "n_latents": cfg.n_latents, "k": cfg.k, "batch": batch,
             "dtype": cfg.dtype, **timing, "tokens_per_s": batch / timing["median_s"]}

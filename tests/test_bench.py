@@ -34,6 +34,39 @@ def test_full_grid_takes_the_papers_batch_unless_told():
     assert {c["batch"] for c in bench_run.grid("default", "numpy", 4096)["speed"]} == {1024}  # small grid
 
 
+def test_roofline_uses_the_largest_peak_measured_during_the_run(monkeypatch):
+    """A machine that speeds up after the first peak measurement must not flatter a fraction:
+    the fractions use the largest of the peaks measured before and after every config."""
+    tiny = {"speed": [dict(d_in=16, n_latents=64, k=4, batch=64, n_experts=n) for n in (1, 4)],
+            "memory": [], "naive": 4, "peak_size": 32}
+    peaks = iter([1e9, 5e9, 2e9])  # before the sweep, after N=1, after N=4
+
+    def fake_peak(backend, dtype, size, repeats=5):
+        return {"size": size, "flop_per_s": next(peaks)}
+
+    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None: tiny)
+    monkeypatch.setattr(bench_run, "matmul_peak", fake_peak)
+    res = bench_run.run_backend(load_backend("numpy"), "default", None, 1, log=lambda *_: None)
+    assert res["matmul_peaks_flop_per_s"] == [1e9, 5e9, 2e9] and res["matmul_peak"]["flop_per_s"] == 5e9
+    for r in res["speed"]:
+        np.testing.assert_allclose(r["train_step"]["roofline_fraction"], r["train_step"]["flop_per_s"] / 5e9)
+    assert res["dtype"] == "float32" and res["timer"] == "wall clock"
+
+
+def test_cuda_runs_default_to_bfloat16_and_cuda_events():
+    from switchsae.bench.timing import timer_name
+
+    class OnCuda:
+        name = "torch"
+
+        def device_name(self):
+            return "cuda:0 (NVIDIA H100)"
+
+    assert bench_run.default_dtype(OnCuda()) == "bfloat16" and timer_name(OnCuda()) == "cuda events"
+    cpu = load_backend("torch")
+    assert bench_run.default_dtype(cpu) == "float32" and timer_name(cpu) == "wall clock"
+
+
 def test_matmul_peak_counts_2n3_flops():
     peak = bench_run.matmul_peak(load_backend("numpy"), "float32", 64, repeats=2)
     np.testing.assert_allclose(peak["flop_per_s"], 2 * 64**3 / peak["median_s"])
