@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import sort_rows, unsort_rows
 from .sparse import fixed_pattern, gather_sum, sampled_dot, scatter_outer
 
 
@@ -19,34 +20,21 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, table):
         order = torch.argsort(indices[:, 0]) if indices.shape[1] else None
-        values, indices = _rows(values, order), _rows(indices, order)
+        values, indices = sort_rows(values, order), sort_rows(indices, order)
         ctx.save_for_backward(values, indices, table, order)
-        return _unorder(gather_sum(fixed_pattern(indices, table.shape[0]), values.reshape(-1), table), order)
+        return unsort_rows(gather_sum(fixed_pattern(indices, table.shape[0]), values.reshape(-1), table), order)
 
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, table, order = ctx.saved_tensors
-        grad_out = _rows(grad_out, order).contiguous()
+        grad_out = sort_rows(grad_out, order).contiguous()
         pattern = fixed_pattern(indices, table.shape[0])
         grad_values = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_values = _unorder(sampled_dot(pattern, grad_out, table).view(values.shape), order)
+            grad_values = unsort_rows(sampled_dot(pattern, grad_out, table).view(values.shape), order)
         if ctx.needs_input_grad[2]:
             grad_table = scatter_outer(pattern, values.reshape(-1), grad_out)
         return grad_values, None, grad_table
-
-
-def _rows(t, order):
-    return t if order is None else t.index_select(0, order)
-
-
-def _unorder(t, order):
-    """Rows of t in `order` -> rows in the original order."""
-    if order is None:
-        return t
-    out = torch.empty_like(t)
-    out.index_copy_(0, order, t)
-    return out
 
 
 def decode(values, indices, table):

@@ -34,6 +34,18 @@ def route(expert: torch.Tensor, n_experts: int) -> Routing:
     return Routing(perm, torch.cumsum(counts(expert, n_experts), 0).to(torch.int32))
 
 
+def sort_rows(t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Rows of t (T, ...) taken in `perm` order; t itself when perm is None."""
+    return t if perm is None else t.index_select(0, perm)
+
+
+def unsort_rows(t_sorted: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of `sort_rows`: rows in `perm` order -> rows in the original order."""
+    if perm is None:
+        return t_sorted
+    return torch.empty_like(t_sorted).index_copy_(0, perm, t_sorted)
+
+
 def _aligned(t: torch.Tensor) -> bool:
     """Every non-unit stride (size-1 dimensions included, as grouped_mm checks) and the data
     pointer are multiples of 16 bytes."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Routing, grouped_matmul, route
-from .sparse import Pattern, accumulation_dtype, gather_sum, row_pattern, scatter_outer
+from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
+from .sparse import (Pattern, accumulation_dtype, fixed_pattern, gather_sum, row_pattern,
+                     scatter_outer)
 from .topk import topk_lowest_index_ties
 
 
@@ -32,8 +33,9 @@ class ExpertEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_centered, W_enc, b_enc, expert):
         routing = route(expert, W_enc.shape[0])
-        pre = _unsort(_sorted_pre(_sort(x_centered, routing), W_enc, b_enc, _sort(expert, routing),
-                                  routing.ends), routing)
+        perm = routing.perm
+        pre = unsort_rows(_sorted_pre(sort_rows(x_centered, perm), W_enc, b_enc, sort_rows(expert, perm),
+                                      routing.ends), perm)
         ctx.save_for_backward(x_centered, W_enc, expert)
         return pre
 
@@ -52,57 +54,39 @@ class ExpertEncodeTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts):
         routing = route(expert, W_enc.shape[0])
-        x_sorted, expert_sorted = _sort(x, routing) - b_pre, _sort(expert, routing)
+        perm = routing.perm
+        x_sorted, expert_sorted = sort_rows(x, perm) - b_pre, sort_rows(expert, perm)
         acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
         values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
-        acts = _unsort(acts_sorted, routing) if keep_acts else None
-        indices = _unsort(indices_sorted, routing)
-        ctx.save_for_backward(x_sorted, W_enc, expert_sorted, routing.perm, acts,
-                              values_sorted, indices_sorted)
+        acts = unsort_rows(acts_sorted, perm) if keep_acts else None
+        indices = unsort_rows(indices_sorted, perm)
+        ctx.save_for_backward(x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted)
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        return acts, _unsort(values_sorted, routing), indices
+        return acts, unsort_rows(values_sorted, perm), indices
 
     @staticmethod
     def backward(ctx, grad_acts, grad_values, _):
         x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad[:4]
-        routing = Routing(perm, None)
-        n_rows, (n, _, m) = x_sorted.shape[0], W_enc.shape
+        n, _, m = W_enc.shape
         if grad_values is None:
             grad_values = values_sorted.new_zeros(values_sorted.shape)
         else:
-            grad_values = _sort(grad_values, routing)
+            grad_values = sort_rows(grad_values, perm)
         kept_grad = grad_values * (values_sorted > 0)  # through relu: zero where acts == 0
         if grad_acts is None:  # only the kept values carry gradient: k entries per row
-            k = indices_sorted.shape[1]
-            rows = torch.arange(n_rows, device=x_sorted.device).repeat_interleave(k)
-            cols = (expert_sorted[:, None] * m + indices_sorted).reshape(-1)
-            row_ptr = torch.arange(0, n_rows * k + 1, k, device=x_sorted.device)
-            pattern, values = Pattern(rows, cols, row_ptr, n * m), kept_grad.reshape(-1)
+            pattern = fixed_pattern(expert_sorted[:, None] * m + indices_sorted, n * m)
+            values = kept_grad.reshape(-1)
         else:  # acts is used too (AuxK): add the kept values' share to its dense gradient
-            grad_pre = _sort(grad_acts * (acts > 0), routing)
+            grad_pre = sort_rows(grad_acts * (acts > 0), perm)
             grad_pre.scatter_add_(1, indices_sorted, kept_grad)
             pattern, values = _dense_entries(grad_pre, expert_sorted, m, n)
         grad_x, grad_W, grad_b = _sparse_backward(pattern, values, x_sorted, W_enc, need_x, need_W, need_b)
         grad_b_pre = None
         if need_b_pre:  # d/d b_pre = -sum_t d/d x_t: one product with per-latent sums, not T
             grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, W_enc)
-        return (_unsort(grad_x, routing) if need_x else None), grad_b_pre, grad_W, grad_b, None, None, None
-
-
-def _sort(t: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Rows of t (T, ...) in expert order."""
-    return t if routing.perm is None else t.index_select(0, routing.perm)
-
-
-def _unsort(t_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Rows in expert order -> rows in token order."""
-    if routing.perm is None:
-        return t_sorted
-    out = torch.empty_like(t_sorted)
-    out.index_copy_(0, routing.perm, t_sorted)
-    return out
+        return (unsort_rows(grad_x, perm) if need_x else None), grad_b_pre, grad_W, grad_b, None, None, None
 
 
 def _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, ends):
