@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from switchsae.backends import installed_backends, load_backend
+from switchsae.files import atomic_write_json
 
 from .machine import describe
 from .plots import plot
@@ -52,10 +52,7 @@ def main(argv=None) -> int:
     record = {"machine": describe(backends), "grid": args.grid, "batch": args.batch, "dtype": args.dtype,
               "threads": args.threads,
               "seconds": time.perf_counter() - start, "results": results}
-    path = os.path.join(args.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = atomic_write_json(os.path.join(args.out, "results.json"), record, indent=1)
     pngs = plot(record, args.out)
     print(f"wrote {path}, {', '.join(pngs)} in {record['seconds']:.0f} s")
     for res in results:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 import numpy as np
 from switchsae.backends import load_backend
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
+from switchsae.files import atomic_write_json
 
 from .machine import describe
 from .timing import measure
@@ -61,8 +61,7 @@ def main(argv=None) -> int:
         print(f"{r['n_experts']:>5} {r['batch']:>6} {r['dtype']:>9} {1e3 * r['median_s']:>9.2f} "
               f"{r['tokens_per_s']:>11.0f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        atomic_write_json(args.json, record, indent=2)
     return 0
 
 

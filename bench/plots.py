@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from switchsae.files import atomic_write  # noqa: E402
 
 
 def _line_plot(path, series, xlabel, ylabel, title):
@@ -16,7 +17,7 @@ def _line_plot(path, series, xlabel, ylabel, title):
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -30,6 +29,7 @@ from switchsae.backends.torch import Backend as TorchBackend
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
 from switchsae.core import losses as L
 from switchsae.core.spec import ForwardOutput
+from switchsae.files import atomic_write_json
 
 from .machine import describe
 from .run import PAPER_BATCH
@@ -166,8 +166,7 @@ def main(argv=None) -> int:
                       for name, value in record["ratios"].items())
     print(f"speed-ups: {shown}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
+        atomic_write_json(args.out, record, indent=2)
     return 0
 
 

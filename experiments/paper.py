@@ -23,7 +23,6 @@ duplication.png, expert_load.png into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 from switchsae.core import metrics
 from switchsae.core.config import SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
+from switchsae.files import atomic_write, atomic_write_bytes, atomic_write_json
 
 FULL = dict(width=768, k=16, experts=(4, 8, 16), steps=250, batch_size=1024, max_texts=None,
             fidelity_texts=64)
@@ -210,7 +210,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -324,12 +324,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     rows, meta = train_all(runs, setup, budget, args)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+    atomic_write_json(out / "results.json", {"meta": meta, "runs": rows}, indent=1)
     md = (f"# Switch SAE vs dense TopK on MiniLM-L6 layer {args.layer}\n\n"
           f"{budget['steps']} steps x {budget['batch_size']} tokens, k = {budget['k']}, dense width "
           f"{budget['width']}, backend {meta['backend']}; metrics on {meta['held_out_tokens']} held-out tokens, "
           f"fidelity on {min(len(setup.held), budget['fidelity_texts'])} held-out texts.\n\n{table(rows)}\n{LEGEND}")
-    (out / "results.md").write_text(md)
+    atomic_write_bytes(out / "results.md", md.encode())
     plot(rows, out)
     print(md)
     print(f"wrote {out}/results.md, results.json and 4 plots in {meta['seconds']} s")

@@ -36,12 +36,12 @@ Writes results.md, results.json and fvu_vs_flops.png into --out and every traine
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from switchsae.core.config import ConfigError, SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
+from switchsae.files import atomic_write_bytes, atomic_write_json
 
 from .paper import (
     Run,
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     rows, meta = train_all(runs, setup, budget, args, checkpoints=out / "checkpoints")
     meta["match"] = args.match
-    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+    atomic_write_json(out / "results.json", {"meta": meta, "runs": rows}, indent=1)
     dense = rows[0]
     key = f"flops_{args.match}"
     worst = max(abs(r[key] - dense[key]) / dense[key] for r in rows if r["family"] == "flop-matched")
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
           f"{min(len(setup.held), budget['fidelity_texts'])} held-out texts.  Width-matched: total "
           f"latents = {budget['width']}.  Flop-matched: {args.match} FLOPs/token within "
           f"{100 * worst:.2f}% of dense's.\n\n{table(rows)}\n{LEGEND}")
-    (out / "results.md").write_text(md)
+    atomic_write_bytes(out / "results.md", md.encode())
     plot(rows, out / "fvu_vs_flops.png")
     print(md)
     print(f"wrote {out}/results.md, results.json, fvu_vs_flops.png and {len(rows)} checkpoints "

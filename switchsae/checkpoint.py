@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from switchsae.core.config import ConfigError, SwitchSAEConfig
+from switchsae.files import fsync_dir
 
 FORMAT = "switchsae"
 FORMAT_VERSION = 1
@@ -128,12 +129,12 @@ def _write_dir_atomically(path: Path, files: dict, overwrite: bool) -> Path:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if path.exists():
             old = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not path.exists():
@@ -142,32 +143,6 @@ def _write_dir_atomically(path: Path, files: dict, overwrite: bool) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` via a temporary file, fsync and os.replace: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from switchsae.files import atomic_write, atomic_write_bytes, atomic_write_json
 
 __all__ = ["DataError", "ActivationSource", "ArraySource", "ShardSource",
            "ShardWriter", "to_numpy", "MANIFEST_NAME"]
@@ -402,34 +403,6 @@ class ShardSource(_RowStream):
 
 
 # ------------------------------------------------------------- ShardWriter
-def _atomic_write(path: Path, data: bytes | None = None, array: np.ndarray | None = None) -> None:
-    """Write ``data`` (or ``np.save`` of ``array``) to ``path`` via temp file + fsync + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if array is not None:
-                np.save(f, array, allow_pickle=False)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # persist the rename itself
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 class ShardWriter:
     """Append ``(n, d_in)`` arrays; writes ``shard_00000.npy`` ... of ``shard_tokens`` rows each
     and, on ``close()``, the final partial shard then ``manifest.json``::
@@ -493,12 +466,12 @@ class ShardWriter:
         self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
         name = f"shard_{len(self.shards):05d}.{self.format}"
         if self.format == "npy":
-            _atomic_write(self.directory / name, array=shard)
+            atomic_write(self.directory / name, lambda f: np.save(f, shard, allow_pickle=False))
         else:
             from safetensors.numpy import save
 
-            _atomic_write(self.directory / name, data=save({"activations": np.ascontiguousarray(shard)},
-                                                            metadata={"dtype": str(shard.dtype)}))
+            atomic_write_bytes(self.directory / name, save({"activations": np.ascontiguousarray(shard)},
+                                                           metadata={"dtype": str(shard.dtype)}))
         self.shards.append({"name": name, "rows": int(rows)})
         self.total_tokens += int(rows)
 
@@ -513,7 +486,7 @@ class ShardWriter:
                          "dtype": None if self.dtype is None else self.dtype.name, "d_in": self.d_in,
                          "total_tokens": self.total_tokens, "format": self.format,
                          "shards": self.shards, "metadata": self.metadata}
-        _atomic_write(self.directory / MANIFEST_NAME, data=json.dumps(self.manifest, indent=1).encode())
+        atomic_write_json(self.directory / MANIFEST_NAME, self.manifest, indent=1)
         self.closed = True
         return self.manifest
 

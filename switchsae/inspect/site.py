@@ -16,6 +16,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from switchsae.files import atomic_write_bytes
+
 from .data import site_data
 
 ASSETS = ("index.html", "style.css", "app.js")
@@ -31,9 +33,9 @@ def write_site(data: dict, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     assets = resources.files(__package__) / "assets"
     for name in ASSETS:
-        (out / name).write_text((assets / name).read_text(encoding="utf-8"), encoding="utf-8")
+        atomic_write_bytes(out / name, (assets / name).read_bytes())
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    (out / DATA_FILE).write_text(f"window.{DATA_GLOBAL} = {payload};\n", encoding="utf-8")
+    atomic_write_bytes(out / DATA_FILE, f"window.{DATA_GLOBAL} = {payload};\n".encode("utf-8"))
     return out / "index.html"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from switchsae.checkpoint import atomic_write_bytes
 from switchsae.core import metrics
+from switchsae.files import atomic_write_bytes
 
 
 def step_metrics(out, x, counter, cfg, dead_tokens: int, backend) -> dict:

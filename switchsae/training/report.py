@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
-from switchsae.checkpoint import atomic_write_bytes
+from switchsae.files import atomic_write_bytes, atomic_write_json
 
 REPORT_FILE = "report.txt"
 PLOT_FILE = "curves.png"
@@ -103,5 +102,5 @@ def write_report(out_dir, summary: dict, evaluation, eval_label: str, history: l
     report = atomic_write_bytes(out_dir / REPORT_FILE, text.encode())
     plot = plot_curves(history, freq, out_dir / PLOT_FILE)
     payload = {"label": eval_label, **evaluation.summary()}
-    ev = atomic_write_bytes(out_dir / EVAL_FILE, (json.dumps(payload, indent=1) + "\n").encode())
+    ev = atomic_write_json(out_dir / EVAL_FILE, payload, indent=1)
     return {"report": report, "plot": plot, "eval": ev}
