@@ -307,7 +307,7 @@ def test_partition_errors_are_clear():
 
 
 def test_comm_volume_tool_prints_the_model(capsys):
-    from switchsae.backends.torch import comm_volume
+    from switchsae.bench import comm_volume
 
     assert comm_volume.main([]) == 0
     out = capsys.readouterr().out

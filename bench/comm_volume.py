@@ -1,7 +1,7 @@
 """Token-exchange traffic of expert parallelism: all-gather vs all-to-all.
 
-    python -m switchsae.backends.torch.comm_volume                 # the model at d 768, N 16, R 8, 4096/rank
-    python -m switchsae.backends.torch.comm_volume --measure       # + measured on 2 gloo processes
+    python -m switchsae.bench.comm_volume                 # the model at d 768, N 16, R 8, 4096/rank
+    python -m switchsae.bench.comm_volume --measure       # + measured on 2 gloo processes
 
 The model (`core.parallel.exchange_bytes`) counts the bytes each rank receives from the others per
 training step, forward and backward.  --measure trains a few steps on 2 local gloo processes (CPU,
