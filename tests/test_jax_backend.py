@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from switchsae.backends import load_backend
-from switchsae.backends.jax import expert_ops, use_pallas_ragged_dot
+from switchsae.backends.jax import decode, encode, use_pallas_ragged_dot
 from switchsae.conformance import harness as H
 from switchsae.conformance.cases import build
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, spec, train_step
@@ -83,7 +83,7 @@ def test_grouped_encode_matches_dense_reference():
     n, d, m, batch = 5, 6, 7, 30
     x, W, b = rng.normal(size=(batch, d)), rng.normal(size=(n, d, m)), rng.normal(size=(n, m))
     ids = rng.choice([0, 2, 3, -1, 5, 9], size=batch)  # groups 1 and 4 empty; -1, 5, 9 foreign
-    got = np.asarray(expert_ops.grouped_encode(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32),
+    got = np.asarray(encode.grouped_encode(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32),
                                                jnp.asarray(b, jnp.float32), jnp.asarray(ids)))
     mine = (ids >= 0) & (ids < n)
     ref = encode_reference(x[mine], W, b, ids[mine], np)
@@ -103,7 +103,7 @@ def test_decode_gradient_scatters_into_selected_rows_only():
     """XLA's VJP of the row gather is a scatter-add of (batch*k) rows: no (batch, R) one-hot,
     no dense matmul against the table, so no custom VJP is needed."""
     batch, k, rows, d = 6, 3, 40, 5
-    loss = lambda v, t: jnp.sum(expert_ops.gather_decode(v, jnp.zeros((batch, k), jnp.int32), t) ** 2)
+    loss = lambda v, t: jnp.sum(decode.gather_decode(v, jnp.zeros((batch, k), jnp.int32), t) ** 2)
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.ones((batch, k)), jnp.ones((rows, d)))
     prims = {e.primitive.name for e in _equations(jaxpr.jaxpr)}
     assert "scatter-add" in prims and "dot_general" not in prims, prims
@@ -197,7 +197,7 @@ def test_pallas_switch_fails_clearly_without_the_kernel():
     flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
     before = getattr(jax.config, flag)
     try:
-        if expert_ops._pallas_kernel_available():
+        if encode._pallas_kernel_available():
             use_pallas_ragged_dot(True)
             assert getattr(jax.config, flag) is True
         else:

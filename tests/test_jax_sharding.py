@@ -71,7 +71,7 @@ def _worker() -> dict:
     import jax.numpy as jnp
 
     from switchsae.backends.jax import Backend
-    from switchsae.backends.jax import sharding as S
+    from switchsae.backends.jax import distributed as S
     from switchsae.conformance.cases import build
     from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
 

@@ -19,7 +19,7 @@ mx = pytest.importorskip("mlx.core")
 
 from switchsae.backends import load_backend  # noqa: E402
 from switchsae.backends.mlx import Backend as MLXBackend  # noqa: E402
-from switchsae.backends.mlx import ops  # noqa: E402
+from switchsae.backends.mlx import decode, encode, topk  # noqa: E402
 from switchsae.backends.mlx.distributed import data_parallel_step  # noqa: E402
 from switchsae.conformance import harness as H  # noqa: E402
 from switchsae.conformance.cases import build  # noqa: E402
@@ -74,7 +74,7 @@ def test_topk_equals_reference_under_ties(k):
     rng = np.random.default_rng(k)
     acts = rng.integers(-1, 4, size=(40, 12)).astype(np.float32)  # ties everywhere, zeros too
     acts[0] = 0.0                                                  # an all-zero row
-    values, indices = ops.topk(mx.array(acts), k)
+    values, indices = topk.topk(mx.array(acts), k)
     ref_values, ref_indices = topk_reference(mx.array(acts), k, xp)
     np.testing.assert_array_equal(np.array(indices), np.array(ref_indices))
     np.testing.assert_array_equal(np.array(indices), np.argsort(-acts, axis=-1, kind="stable")[:, :k])
@@ -86,7 +86,7 @@ def test_topk_gradient_flows_to_the_kept_entries():
     rng = np.random.default_rng(0)
     acts = mx.array(rng.normal(size=(6, 9)).astype(np.float32))
     weights = mx.array(rng.normal(size=(6, 4)).astype(np.float32))
-    grad = mx.grad(lambda a: mx.sum(ops.topk(a, 4)[0] * weights))(acts)
+    grad = mx.grad(lambda a: mx.sum(topk.topk(a, 4)[0] * weights))(acts)
     ref = mx.grad(lambda a: mx.sum(topk_reference(a, 4, xp)[0] * weights))(acts)
     np.testing.assert_array_equal(np.array(grad), np.array(ref))
 
@@ -108,7 +108,7 @@ def test_sorted_dispatch_encode_equals_reference(routing, bias):
     W = mx.array(rng.normal(size=(n, d, m)).astype(np.float32))
     b = mx.array(rng.normal(size=(n, m)).astype(np.float32)) if bias else None
     expert = mx.array(ROUTINGS[routing](rng, n, batch).astype(np.int32))
-    assert_fast(ops.encode(x, W, b, expert), encode_reference(x, W, b, expert, xp), "encode")
+    assert_fast(encode.encode(x, W, b, expert), encode_reference(x, W, b, expert, xp), "encode")
 
     cot = mx.array(rng.normal(size=(batch, m)).astype(np.float32))
     argnums = (0, 1, 2) if bias else (0, 1)
@@ -116,7 +116,7 @@ def test_sorted_dispatch_encode_equals_reference(routing, bias):
     def grads(fn):
         return mx.grad(lambda *a: mx.sum(fn(a[0], a[1], a[2] if bias else None) * cot), argnums)(x, W, b)
 
-    fast = grads(lambda x_, W_, b_: ops.encode(x_, W_, b_, expert))
+    fast = grads(lambda x_, W_, b_: encode.encode(x_, W_, b_, expert))
     ref = grads(lambda x_, W_, b_: encode_reference(x_, W_, b_, expert, xp))
     for name, g, r in zip(("x", "W_enc", "b_enc"), fast, ref):
         assert_fast(g, r, f"d encode / d {name}")
@@ -127,7 +127,7 @@ def test_encode_bfloat16_matches_float32_rounded():
     x = mx.array(rng.normal(size=(10, 8)).astype(np.float32)).astype(mx.bfloat16)
     W = mx.array(rng.normal(size=(3, 8, 5)).astype(np.float32)).astype(mx.bfloat16)
     expert = mx.array(rng.integers(0, 3, size=10).astype(np.int32))
-    got = ops.encode(x, W, None, expert)
+    got = encode.encode(x, W, None, expert)
     assert got.dtype == mx.bfloat16
     want = encode_reference(x.astype(mx.float32), W.astype(mx.float32), None, expert, xp)
     # one rounding of a float32-accumulated result: within bfloat16's half-ulp, 2**-9 relative
@@ -139,9 +139,9 @@ def test_decode_equals_reference_and_accumulates_duplicate_rows():
     table = mx.array(rng.normal(size=(10, 7)).astype(np.float32))
     values = mx.array(rng.normal(size=(5, 3)).astype(np.float32))
     indices = mx.array(np.array([[1, 1, 4], [4, 0, 9], [1, 2, 3], [9, 9, 9], [0, 5, 6]], dtype=np.int32))
-    assert_fast(ops.decode(values, indices, table), decode_reference(values, indices, table, xp), "decode")
+    assert_fast(decode.decode(values, indices, table), decode_reference(values, indices, table, xp), "decode")
     cot = mx.array(rng.normal(size=(5, 7)).astype(np.float32))
-    fast = mx.grad(lambda v, t: mx.sum(ops.decode(v, indices, t) * cot), (0, 1))(values, table)
+    fast = mx.grad(lambda v, t: mx.sum(decode.decode(v, indices, t) * cot), (0, 1))(values, table)
     ref = mx.grad(lambda v, t: mx.sum(decode_reference(v, indices, t, xp) * cot), (0, 1))(values, table)
     assert_fast(fast[0], ref[0], "d decode / d values")
     assert_fast(fast[1], ref[1], "d decode / d W_dec")

@@ -1,6 +1,6 @@
-"""JAX backend (`switchsae.use("jax")`); expert/data parallelism lives in `.sharding`."""
+"""JAX backend (`switchsae.use("jax")`); expert/data parallelism lives in `.distributed`."""
 
 from .backend import JaxBackend as Backend
-from .expert_ops import use_pallas_ragged_dot
+from .encode import use_pallas_ragged_dot
 
 __all__ = ["Backend", "use_pallas_ragged_dot"]

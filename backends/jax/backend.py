@@ -11,7 +11,8 @@ from switchsae.core.backend import Backend
 from switchsae.core.spec import trace
 
 from . import compile as _compile
-from .expert_ops import gather_decode, grouped_encode
+from .decode import gather_decode
+from .encode import grouped_encode
 
 
 class JaxBackend(Backend):
@@ -20,7 +21,7 @@ class JaxBackend(Backend):
     Matmul precision follows JAX's defaults (TF32 for float32 on recent NVIDIA GPUs); wrap
     calls in `jax.default_matmul_precision("highest")` for full float32.  On GPU, XLA may run
     the encoder's `ragged_dot` as a zero-padded dense product: see `use_pallas_ragged_dot`.
-    Multi-device placement: `switchsae.backends.jax.sharding.ExpertParallelBackend`."""
+    Multi-device placement: `switchsae.backends.jax.distributed.ExpertParallelBackend`."""
 
     name = "jax"
     xp = jnp
@@ -51,7 +52,7 @@ class JaxBackend(Backend):
         return jax.lax.top_k(acts, k)
 
     def encode(self, x_centered, W_enc, b_enc, expert):
-        """One `ragged_dot` over the tokens sorted by expert (see `expert_ops.grouped_encode`)."""
+        """One `ragged_dot` over the tokens sorted by expert (see `encode.grouped_encode`)."""
         return grouped_encode(x_centered, W_enc, b_enc, expert)
 
     def decode(self, values, indices, W_dec_flat):

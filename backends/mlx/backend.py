@@ -11,8 +11,11 @@ from mlx.utils import tree_map
 from switchsae.core.backend import Backend
 from switchsae.core.spec import forward
 
-from . import namespace, ops
-from .compiled import compile_train_step
+from . import namespace
+from .compile import compile_train_step
+from .decode import decode
+from .encode import encode
+from .topk import topk
 
 
 class MLXBackend(Backend):
@@ -36,13 +39,13 @@ class MLXBackend(Backend):
 
     # -- spec hooks -----------------------------------------------------------------------
     def topk(self, acts, k):
-        return ops.topk(acts, k)
+        return topk(acts, k)
 
     def encode(self, x_centered, W_enc, b_enc, expert):
-        return ops.encode(x_centered, W_enc, b_enc, expert)
+        return encode(x_centered, W_enc, b_enc, expert)
 
     def decode(self, values, indices, W_dec_flat):
-        return ops.decode(values, indices, W_dec_flat)
+        return decode(values, indices, W_dec_flat)
 
     def stop_gradient(self, a):
         return mx.stop_gradient(a)
@@ -53,7 +56,7 @@ class MLXBackend(Backend):
         return outputs_and_grads(lambda p: forward(p, x, cfg, self, dead_mask), params)
 
     def compile_step(self, step_fn):
-        """step_fn(params, opt_state, x, lr, dead_mask=None), see `compiled.compile_train_step`."""
+        """step_fn(params, opt_state, x, lr, dead_mask=None), see `compile.compile_train_step`."""
         return compile_train_step(step_fn)
 
     # -- timing ---------------------------------------------------------------------------

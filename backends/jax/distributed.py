@@ -32,7 +32,8 @@ from jax.sharding import PartitionSpec as P
 from switchsae.core.optim import AdamState
 
 from .backend import JaxBackend
-from .expert_ops import gather_decode, grouped_encode
+from .decode import gather_decode
+from .encode import grouped_encode
 
 DATA, EXPERT = "data", "expert"
 _TOKENS = P((DATA, EXPERT))  # batch dimension split over every device

@@ -1,6 +1,6 @@
-"""The two expert primitives on JAX: a grouped encoder matmul (`jax.lax.ragged_dot`) and a
-gather decode.  Both keep every shape static (batch fixed; group sizes are data), so they
-trace once under `jax.jit`.
+"""The expert encoder on JAX: a grouped matmul (`jax.lax.ragged_dot`) over tokens sorted by
+expert.  Every shape is static (batch fixed; group sizes are data), so it traces once under
+`jax.jit`.
 
 GPU note: on GPU, XLA may run `ragged_dot` as a zero-padded (N, batch, ...) expansion instead
 of a grouped GEMM.  JAX's Pallas/Triton lowering avoids that; `use_pallas_ragged_dot()`
@@ -38,15 +38,6 @@ def grouped_encode(x, W_enc, b_enc, group_ids):
         pre = pre + b_enc[jnp.minimum(key, n_groups - 1)]
     # ragged_dot leaves rows past sum(group_sizes) unspecified: zero them explicitly
     return jnp.where(mine[:, None], pre, jnp.zeros_like(pre))
-
-
-def gather_decode(values, indices, table):
-    """sum_j values[:, j] * table[indices[:, j]].  values, indices: (batch, k); table: (R, d).
-
-    -> (batch, d).  Its gradient w.r.t. `table` is XLA's scatter-add into the selected rows
-    (checked in tests/test_jax_backend.py), so no custom VJP is needed."""
-    rows = jnp.take(table, indices, axis=0)
-    return jnp.sum(values[:, :, None] * rows, axis=1)
 
 
 def use_pallas_ragged_dot(enabled: bool = True) -> None:
