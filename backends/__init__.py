@@ -14,6 +14,10 @@ REGISTRY = {
 }
 
 
+# name -> the parallel modes its `distributed.parallel_backend` trains with
+PARALLEL_MODES = {"torch": ("data", "expert"), "jax": ("data", "expert"), "mlx": ("data",)}
+
+
 class BackendError(ValueError):
     """Unknown or uninstalled backend."""
 
@@ -55,3 +59,17 @@ def load_backend(name: str):
         )
     _cache[name] = importlib.import_module(module).Backend()
     return _cache[name]
+
+
+def load_parallel_backend(name: str, mode: str, **kwargs):
+    """Backend `name` training with `mode` ("data" | "expert") parallelism: torch over the
+    processes of a torchrun launch, JAX over its devices in this process, MLX over the processes
+    of an `mlx.launch` (data parallel only).  kwargs go to the backend's
+    `distributed.parallel_backend`.  Raises BackendError naming what is possible."""
+    name = name.strip().lower()
+    load_backend(name)  # known and installed
+    if mode not in PARALLEL_MODES.get(name, ()):
+        offered = [f"{b} ({', '.join(m)})" for b, m in PARALLEL_MODES.items()]
+        raise BackendError(f"backend {name!r} has no {mode!r} parallel training; parallel backends: "
+                           f"{'; '.join(offered)}")
+    return importlib.import_module(REGISTRY[name][0] + ".distributed").parallel_backend(mode, **kwargs)

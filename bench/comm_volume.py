@@ -50,7 +50,7 @@ def _worker(rank: int, world: int, port: int, args, result_path: str) -> None:
     from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
     from switchsae.core.parallel import expert_range
 
-    from .distributed import parallel_backend, shutdown
+    from switchsae.backends.torch.distributed import parallel_backend, shutdown
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, port: int, args, result_path: str) -> None:
             if i == 1:  # the first step warms up
                 dist.barrier()
                 before, lo_before, t0 = dict(be.comm.received), _loopback_bytes(), time.perf_counter()
-            params, opt, out = train_step(be, cfg, params, opt, be.asarray(be.local_batch(x)), 1e-3, dead)
+            params, opt, out = train_step(be, cfg, params, opt, be.asarray(x[be.batch_rows(x.shape[0])]), 1e-3, dead)
             if i >= 1:
                 remote += int(((out.expert < lo) | (out.expert >= hi)).sum())
         dist.barrier()

@@ -18,14 +18,13 @@ from switchsae.core.config import SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
 
 from .memory import peak_memory
-from .timing import measure, timer_name
+from .timing import PAPER_BATCH, measure, timer_name
 
 # Backends whose CPU build is far from the machine's speed (the NumPy reference encodes every
 # expert densely; MLX's Linux CPU matmul is ~20x slower than NumPy's) run a smaller grid.
 SMALL_GRID_BACKENDS = {"numpy", "mlx"}
 # The paper's configuration: GPT-2 small's residual stream (d 768), a 32x dictionary, k 32, and
-# dictionary_learning's ActivationBuffer batch of 8192 activations, which its trainer uses.
-PAPER_BATCH = 8192
+# its batch (`timing.PAPER_BATCH`).
 
 
 def grid(name: str, backend_name: str, batch: int | None = None) -> dict:

@@ -32,8 +32,7 @@ from switchsae.core.spec import ForwardOutput
 from switchsae.files import atomic_write_json
 
 from .machine import describe
-from .run import PAPER_BATCH
-from .timing import measure
+from .timing import PAPER_BATCH, measure
 
 FULL = {"d_in": 768, "n_latents": 24576, "k": 32, "batch": PAPER_BATCH, "experts": (1, 8, 16, 32), "naive": 16}
 QUICK = {"d_in": 64, "n_latents": 1024, "k": 8, "batch": 512, "experts": (1, 8, 16), "naive": 16}
@@ -48,14 +47,7 @@ class NaiveBackend(TorchBackend):
     def loss_and_grads(self, params, x, cfg, dead_mask=None):
         if dead_mask is not None or cfg.experts_per_token != 1 or cfg.shared_latents or cfg.encoder_bias:
             raise NotImplementedError("the naive baseline covers the paper's plain Switch SAE only")
-        p = {n: t.detach().requires_grad_(True) for n, t in params.items()}
-        with torch.enable_grad():
-            out = self._forward(p, x, cfg)
-            grads = torch.autograd.grad(out.losses["total"], list(p.values()))
-        detached = ForwardOutput(out.x_hat.detach(), out.expert, out.router_probs.detach(),
-                                 out.top_values.detach(), out.top_indices,
-                                 {n: v.detach() for n, v in out.losses.items()})
-        return detached, dict(zip(p, grads))
+        return self.differentiate(params, lambda p: self._forward(p, x, cfg))
 
     def _forward(self, p, x, cfg):
         m, k = cfg.expert_width, cfg.k
@@ -79,7 +71,7 @@ class NaiveBackend(TorchBackend):
             top_indices = top_indices.index_copy(0, rows, local + e * m)
         x_hat = x_hat + p["b_pre"]
         xp = self.xp
-        mse, lb = L.mse_loss(x, x_hat, xp), L.load_balance_loss(probs, expert[:, None], xp)
+        mse, lb = L.mse_loss(x, x_hat, xp), L.load_balance_loss(probs, L.expert_fractions(expert, cfg.n_experts, probs.dtype, xp), xp)
         losses = {"mse": mse, "lb": lb, "auxk": torch.zeros_like(mse), "total": mse + cfg.lb_weight * lb}
         return ForwardOutput(x_hat, expert, probs, top_values, top_indices, losses)
 

@@ -7,17 +7,89 @@ import numpy as np
 
 from .config import DTYPES
 from .experts import decode_reference, encode_reference, relu
+from .parallel import BatchStatistics, batch_rows
 from .topk import topk_reference
 
 
 class Backend:
     """Base adapter.  Subclasses set `name`, `xp` (an Array API namespace) and implement the
-    array conversions, `scatter_add` and `loss_and_grads`; they may override any hook."""
+    array conversions, `scatter_add` and `loss_and_grads`; they may override any hook.
+
+    The parallel contract (the "parallel" section below) has single-process defaults: one
+    process holding the whole batch and every parameter.  A parallel backend (torch
+    `distributed.parallel_backend`, JAX `distributed.parallel_backend` over its devices, MLX
+    `distributed.DataParallelBackend`) overrides what differs; the trainer and the CLI use
+    these members on every backend, without probing."""
 
     name = "abstract"
     xp = None
     extra = ""  # pip extra that installs this backend
     dtypes = DTYPES
+
+    # -- parallel (single-process defaults) -----------------------------------------------
+    parallel = ""  # "" (one process, one device), "data" or "expert"
+    rank = 0  # this process, of world_size; rank 0 writes checkpoints and logs
+    world_size = 1  # processes the batch is split over (a device mesh in one process: 1)
+
+    def describe_parallel(self) -> str:
+        """How the work is split, for messages ("" on one device)."""
+        return f"{self.parallel} parallel, {self.world_size} processes" if self.parallel else ""
+
+    def check_partition(self, cfg, batch_size: int) -> None:
+        """Raise ConfigError unless `cfg` and global batches of `batch_size` rows can be split
+        the way this backend splits them (one process: anything)."""
+
+    def batch_rows(self, batch_size: int) -> slice:
+        """The rows of a global batch (batch_size, d) this process trains on (and reads)."""
+        return batch_rows(batch_size, self.world_size, self.rank)
+
+    def place_batch(self, x, dtype: str | None = None):
+        """This process's rows of a batch (NumPy, (batch / R, d)) -> the native array the train
+        step takes (a device mesh places it split over its devices)."""
+        return self.asarray(x, dtype)
+
+    def all_sum(self, a):
+        """`a` summed over the processes, detached (one process: `a`)."""
+        return a
+
+    def batch_statistics(self) -> BatchStatistics:
+        """The whole batch's statistics for the loss of this process's slice (`core.spec.trace`)."""
+        return BatchStatistics(self.all_sum, self.world_size)
+
+    def dispatch(self, run, x, gates, experts, dead, n_experts: int):
+        """Run the chosen experts on the tokens: -> `run(x, gates, experts, dead)`, a
+        `core.spec.Experts` for these tokens in their order.  x: (batch, d); gates, experts:
+        (batch, e) of N = n_experts; dead: (N, m) bool, the routed dead mask by expert, or None.  Expert
+        parallelism sends each token to the process that owns its expert, calls `run` there on
+        the tokens it received (with that process's experts and rows of `dead`) and sends the
+        results back: only the exchange, the spec computes the rest."""
+        return run(x, gates, experts, dead)
+
+    def local_backend(self) -> Backend:
+        """The one-process backend computing as this one does here (this one when not parallel):
+        what a gathered, whole model runs on, e.g. for evaluation on rank 0."""
+        return self
+
+    def shard_params(self, arrays: dict) -> dict:
+        """Whole parameters (or Adam moments) -> what this process holds (default: all)."""
+        return arrays
+
+    def gather_params(self, arrays: dict) -> dict | None:
+        """This process's parameters (or moments) -> the whole ones on rank 0, None on the others
+        where they are sharded across processes.  A collective: every process calls it."""
+        return arrays
+
+    def gather_outputs(self, out, x):
+        """This process's ForwardOutput and batch -> the whole batch's, for metrics (the losses
+        are already the whole batch's)."""
+        return out, x
+
+    def barrier(self) -> None:
+        """Wait for every process (one process: return)."""
+
+    def shutdown(self, failed: bool = False) -> None:
+        """Leave the process group at the end of training (a collective unless `failed`, when
+        the other processes may be gone); one process: nothing."""
 
     # -- arrays ---------------------------------------------------------------------------
     def dtype(self, name: str):

@@ -16,13 +16,11 @@ def expert_fractions(experts, n_experts, dtype, xp):
     return expert_counts(experts, n_experts, dtype, xp) / (experts.shape[0] * experts.shape[1])
 
 
-def load_balance_loss(probs, experts, xp):
+def load_balance_loss(probs, fractions, xp):
     """N * sum_i f_i P_i (Switch Transformer; 1 when balanced).  probs: (batch, N);
-    experts: (batch, e) -> scalar.  f_i counts hard choices and carries no gradient;
+    fractions: (N,) f_i (`expert_fractions`: hard choices, no gradient) -> scalar.
     P_i = mean router probability."""
-    n = probs.shape[-1]
-    f = expert_fractions(experts, n, probs.dtype, xp)
-    return n * xp.sum(f * xp.mean(probs, axis=0))
+    return probs.shape[-1] * xp.sum(fractions * xp.mean(probs, axis=0))
 
 
 def total_variance(x, xp):
@@ -30,10 +28,11 @@ def total_variance(x, xp):
     return xp.sum((x - xp.mean(x, axis=0, keepdims=True)) ** 2)
 
 
-def auxk_loss(aux_recon, residual, n_dead, k_aux, x, xp):
+def auxk_loss(aux_recon, residual, n_dead, k_aux, variance, xp):
     """Gao et al.'s AuxK: dead latents reconstruct the (detached) residual x - x_hat.
 
-    aux_recon, residual: (batch, d); n_dead: scalar count of dead latents.
+    aux_recon, residual: (batch, d); n_dead: scalar count of dead latents; variance: the
+    total variance of x (`total_variance`).
     scale min(n_dead / k_aux, 1) * sum ||aux_recon - residual||^2 / total variance."""
     scale = xp.minimum(n_dead / k_aux, xp.ones_like(n_dead))
-    return scale * xp.sum((aux_recon - residual) ** 2) / total_variance(x, xp)
+    return scale * xp.sum((aux_recon - residual) ** 2) / variance

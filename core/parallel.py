@@ -4,11 +4,13 @@ collectives as plain functions, e.g. `all_sum`).
 Every process ("rank", r of R) holds a slice of the batch, batch / R tokens.  Averaging the
 per-rank gradients of per-rank losses gives the full-batch gradient for every term that is a
 mean over tokens (MSE; P_i, the mean router probability), but two batch statistics are not, so
-each rank's loss uses their global value (all-reduced, detached; neither carries gradient):
+`core.spec.trace` takes their global values from `BatchStatistics` (all-reduced, detached;
+neither carries gradient):
   * f_i, the fraction of tokens routed to expert i, in lb = N sum_i f_i P_i;
   * the total variance of x, AuxK's denominator (combined from per-rank sums, Chan et al.).
 With them the mean over ranks of the per-rank losses is the full-batch loss, so the averaged
-gradient is the full-batch gradient.  Dead-latent counters count the firings of every rank.
+gradient is the full-batch gradient.  The dead-latent counters (`core.dead_latents`) count the
+firings of every rank, so the dead mask and its count are the same everywhere.
 
 Expert parallel splits the N experts across the ranks: rank r owns experts
 [r N / R, (r + 1) N / R), i.e. the rows of the expert-indexed parameters `EXPERT_SHARDED`; all
@@ -66,48 +68,32 @@ def shard(arrays: dict, n_experts: int, world: int, rank: int) -> dict:
 
 
 # -- global statistics ----------------------------------------------------------------------
-def global_total_variance(x, all_sum, world: int, xp):
-    """sum over every rank's tokens of ||x - global mean||^2, from per-rank sums (Chan et al.'s
-    pairwise combination, which avoids the cancellation of sum ||x||^2 - B ||mean||^2).
-    x: (batch / R, d); all_sum(a) sums `a` over the ranks (detached)."""
-    batch = x.shape[0]
-    mean = all_sum(xp.sum(x, axis=0)) / (batch * world)
-    spread = batch * xp.sum((xp.mean(x, axis=0) - mean) ** 2)
-    return all_sum(L.total_variance(x, xp) + spread)
+class BatchStatistics:
+    """The batch statistics of the loss that are not means over tokens, for this process's slice
+    of a batch split over `world` processes.  all_sum(a) sums `a` over the processes (detached);
+    the defaults (the identity, one process) describe a process holding the whole batch, and
+    then every statistic is the spec's own, to the bit."""
 
+    def __init__(self, all_sum=None, world: int = 1):
+        self.all_sum = all_sum if all_sum is not None else (lambda a: a)
+        self.world = world
 
-def auxk_factor(x, cfg, dead_mask, all_sum, world: int, xp):
-    """R * local / global total variance: scales this rank's AuxK (whose denominator is the local
-    total variance) so the mean over ranks is sum ||aux residual||^2 / global total variance.
-    1.0 when AuxK is off."""
-    if dead_mask is None or cfg.auxk_coef == 0:
-        return 1.0
-    return world * L.total_variance(x, xp) / global_total_variance(x, all_sum, world, xp)
+    def expert_fractions(self, experts, n_experts: int, dtype, xp):
+        """f_i over every process's tokens.  experts: (batch / R, e) -> (N,)."""
+        local = L.expert_fractions(experts, n_experts, dtype, xp)
+        return local if self.world == 1 else self.all_sum(local) / self.world
 
-
-def with_global_statistics(losses: dict, probs, experts, cfg, all_sum, world: int, factor, xp) -> dict:
-    """This rank's share of the full-batch loss, from the spec's losses on its own tokens:
-    lb with the global f_i, AuxK times `auxk_factor`.  probs: (batch / R, N) (with gradient);
-    experts: (batch / R,) or (batch / R, e).  The mean over ranks of every returned term is the
-    full-batch term."""
-    n = cfg.n_experts
-    f_local = L.expert_fractions(experts, n, probs.dtype, xp)
-    f_global = all_sum(f_local) / world
-    lb = losses["lb"] + n * xp.sum((f_global - f_local) * xp.mean(probs, axis=0))
-    auxk = losses["auxk"] * factor
-    total = (losses["total"] + cfg.lb_weight * (lb - losses["lb"])
-             + cfg.auxk_coef * (auxk - losses["auxk"]))
-    return dict(losses, lb=lb, auxk=auxk, total=total)
-
-
-def update_tokens_since_fired(counter, top_indices, top_values, n_tokens: int, all_sum, backend):
-    """`core.dead_latents.update_tokens_since_fired` over the firings of every rank: reset where
-    any rank fired a latent, else add the global batch size n_tokens.  counter: (M,); top_*:
-    (batch / R, k) -> (M,), equal on every rank.  all_sum sums the (M,) hit counts."""
-    xp = backend.xp
-    fired = xp.astype(xp.reshape(top_values, (-1,)) != 0, counter.dtype)
-    hits = all_sum(backend.scatter_add(xp.zeros_like(counter), xp.reshape(top_indices, (-1,)), fired))
-    return xp.where(hits > 0, xp.zeros_like(counter), counter + n_tokens)
+    def total_variance(self, x, xp):
+        """This process's share (1 / R) of the total variance of the whole batch, from per-process
+        sums (Chan et al.'s pairwise combination, which avoids the cancellation of sum ||x||^2 -
+        B ||mean||^2).  x: (batch / R, d) -> scalar.  AuxK divides this process's residual sum by
+        it, so the mean over processes of their AuxK terms is the whole batch's."""
+        if self.world == 1:
+            return L.total_variance(x, xp)
+        batch = x.shape[0]
+        mean = self.all_sum(xp.sum(x, axis=0)) / (batch * self.world)
+        spread = batch * xp.sum((xp.mean(x, axis=0) - mean) ** 2)
+        return self.all_sum(L.total_variance(x, xp) + spread) / self.world
 
 
 # -- communication model --------------------------------------------------------------------

@@ -72,27 +72,74 @@ class Encoding(NamedTuple):
     shared_indices: object
 
 
-def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> Encoding:
-    """Route, run the chosen experts' encoders and keep the top k_routed candidates.  Without
-    keep_intermediates, Encoding.x_centered and (from a backend that skips them) acts may be
-    None where nothing else needs them: a forward pass without AuxK needs only the values and
-    indices."""
+class Experts(NamedTuple):
+    """What the chosen experts give back for their tokens (`run_experts`).  values: (T, k_routed)
+    gated kept activations; cand_indices: (T, k_routed) their positions among the e*m
+    candidates; recon: (T, d) their decode (without b_pre); acts: (T, e*m) relu'd
+    pre-activations (None where a backend skips them, or where the experts ran on another
+    process); aux_cand_indices: (T, k_aux) AuxK's dead candidates (None when off or remote);
+    aux_recon: (T, d) their decode (None when AuxK is off)."""
+
+    values: object
+    cand_indices: object
+    recon: object
+    acts: object = None
+    aux_cand_indices: object = None
+    aux_recon: object = None
+
+
+def route(params: dict, x, cfg, backend):
+    """The router's choice.  x: (batch, d) -> probs (batch, N); experts, gates: (batch, e)."""
     xp = backend.xp
-    e, m = cfg.experts_per_token, cfg.expert_width
     probs = router_probs(x, params["b_router"], params["W_router"], xp)
-    experts = choose_experts(probs, xp)[:, None] if e == 1 else backend.topk(probs, e)[1]
-    gates = gates_of(probs, experts, cfg.router_scale, xp)
-    x_centered = x - params["b_pre"] if keep_intermediates or e > 1 or cfg.shared_latents else None
+    experts = choose_experts(probs, xp)[:, None] if cfg.experts_per_token == 1 else \
+        backend.topk(probs, cfg.experts_per_token)[1]
+    return probs, experts, gates_of(probs, experts, cfg.router_scale, xp)
+
+
+def encode_experts(params: dict, x, gates, experts, cfg, backend, keep_acts: bool = True):
+    """Run the chosen experts' encoders and keep the top k_routed gated candidates.
+    x: (T, d); gates, experts: (T, e), indices into params' expert axis -> (acts (T, e*m) or
+    None where the backend skips it and not keep_acts, values, candidate positions (T, k_routed))."""
+    xp, e, m = backend.xp, cfg.experts_per_token, cfg.expert_width
     W_enc, b_enc = params["W_enc"], params.get("b_enc")
     if e == 1:  # the gate is a positive per-token scalar: TopK of the expert's acts, then gate
         acts, kept, cand_indices = backend.encode_topk(x, params["b_pre"], W_enc, b_enc, experts[:, 0],
-                                                         cfg.routed_k, keep_intermediates)
-        top_values = kept * gates
-    else:
-        acts = relu(xp.concat([backend.encode(x_centered, W_enc, b_enc, experts[:, j])
-                               for j in range(e)], axis=-1), xp)
-        top_values, cand_indices = gated_topk(acts, gates, cfg.routed_k, m, backend)
-    top_indices = global_ids(cand_indices, experts, m, xp)
+                                                         cfg.routed_k, keep_acts)
+        return acts, kept * gates, cand_indices
+    x_centered = x - params["b_pre"]
+    acts = relu(xp.concat([backend.encode(x_centered, W_enc, b_enc, experts[:, j]) for j in range(e)],
+                          axis=-1), xp)
+    return (acts, *gated_topk(acts, gates, cfg.routed_k, m, backend))
+
+
+def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: bool = True) -> Experts:
+    """The chosen experts on their tokens: encode, TopK, decode, and AuxK's dead-latent TopK and
+    decode.  x: (T, d); gates, experts: (T, e), experts indexing params' expert axis (all N, or
+    a process's own under expert parallelism); dead: (experts in params, m) bool, the routed
+    dead mask by expert, or None without AuxK."""
+    xp, m = backend.xp, cfg.expert_width
+    acts, values, cand = encode_experts(params, x, gates, experts, cfg, backend, keep_acts or dead is not None)
+    table = xp.reshape(params["W_dec"], (-1, cfg.d_in))
+    recon = backend.decode(values, global_ids(cand, experts, m, xp), table)
+    if dead is None:
+        return Experts(values, cand, recon, acts)
+    dead_local = xp.concat([xp.take(dead, experts[:, j], axis=0) for j in range(experts.shape[1])], axis=-1) \
+        if experts.shape[1] > 1 else xp.take(dead, experts[:, 0], axis=0)
+    aux_values, aux_cand = gated_topk(xp.where(dead_local, acts, xp.zeros_like(acts)), gates, cfg.aux_k, m, backend)
+    aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), table)
+    return Experts(values, cand, recon, acts, aux_cand, aux_recon)
+
+
+def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> Encoding:
+    """Route, run the chosen experts' encoders and keep the top k_routed candidates.  Without
+    keep_intermediates, Encoding.x_centered and (from a backend that skips them) acts may be
+    None where nothing else needs them."""
+    xp = backend.xp
+    probs, experts, gates = route(params, x, cfg, backend)
+    acts, top_values, cand_indices = encode_experts(params, x, gates, experts, cfg, backend, keep_intermediates)
+    top_indices = global_ids(cand_indices, experts, cfg.expert_width, xp)
+    x_centered = x - params["b_pre"] if keep_intermediates or cfg.shared_latents else None
     shared_pre = shared_indices = None
     if cfg.shared_latents:
         shared_pre, shared_values, shared_indices = shared_encode(params, x_centered, cfg, backend)
@@ -105,33 +152,49 @@ def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> En
 def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: bool = True) -> Trace:
     """Run the spec on `backend`'s arrays, keeping intermediates.
     dead_mask: (total_latents,) bool or None; AuxK uses its routed part.  Without
-    keep_intermediates, Trace.x_centered and Trace.acts may be None (see `encode`)."""
-    xp = backend.xp
-    W_dec_flat = xp.reshape(params["W_dec"], (cfg.n_latents, cfg.d_in))
-    enc = encode(params, x, cfg, backend, keep_intermediates or uses_auxk(cfg, dead_mask))
-    experts, k_r = enc.experts, cfg.routed_k
-    x_hat = backend.decode(enc.top_values[:, :k_r], enc.top_indices[:, :k_r], W_dec_flat) + params["b_pre"]
-    if cfg.shared_latents:
-        x_hat = x_hat + backend.decode(enc.top_values[:, k_r:], enc.shared_indices, params["W_dec_shared"])
+    keep_intermediates, Trace.x_centered and Trace.acts may be None (see `encode`).
 
+    x may be one process's slice of a batch split over processes: the chosen experts run through
+    `backend.dispatch` (expert parallelism: on the processes that own them), and the losses use
+    `backend.batch_statistics()` (the whole batch's f_i and total variance), so they are this
+    process's share, whose mean over processes is the whole batch's loss."""
+    xp = backend.xp
+    probs, experts, gates = route(params, x, cfg, backend)
+    dead = None
+    if uses_auxk(cfg, dead_mask):
+        dead = xp.reshape(dead_mask[:cfg.n_latents], (cfg.n_experts, cfg.expert_width))
+
+    def run(x_rows, gate_rows, expert_rows, dead_rows):
+        return run_experts(params, x_rows, gate_rows, expert_rows, dead_rows, cfg, backend, keep_intermediates)
+
+    ex = backend.dispatch(run, x, gates, experts, dead, cfg.n_experts)
+    top_values, top_indices = ex.values, global_ids(ex.cand_indices, experts, cfg.expert_width, xp)
+    x_hat = ex.recon + params["b_pre"]
+    x_centered = x - params["b_pre"] if keep_intermediates or cfg.shared_latents else None
+    shared_pre = shared_indices = None
+    if cfg.shared_latents:
+        shared_pre, shared_values, shared_indices = shared_encode(params, x_centered, cfg, backend)
+        top_values = xp.concat([top_values, shared_values], axis=-1)
+        top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
+        x_hat = x_hat + backend.decode(shared_values, shared_indices, params["W_dec_shared"])
+
+    stats = backend.batch_statistics()
     mse = L.mse_loss(x, x_hat, xp)
-    lb = L.load_balance_loss(enc.probs, experts, xp)
+    lb = L.load_balance_loss(probs, stats.expert_fractions(experts, cfg.n_experts, probs.dtype, xp), xp)
     total = mse + cfg.lb_weight * lb
-    aux = _auxk(x, x_hat, enc.acts, enc.gates, experts, W_dec_flat, cfg, backend, dead_mask)
-    if aux is None:
+    n_dead = None
+    if ex.aux_recon is None:
         auxk = xp.zeros_like(mse)
-        aux = (None, None, None)
-    else:
-        auxk = aux[-1]
+    else:  # the dead latents reconstruct the detached residual
+        n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))
+        auxk = L.auxk_loss(ex.aux_recon, backend.stop_gradient(x - x_hat), n_dead, float(cfg.aux_k),
+                           stats.total_variance(x, xp), xp)
         total = total + cfg.auxk_coef * auxk
-        aux = aux[:-1]
     expert = experts[:, 0] if cfg.experts_per_token == 1 else experts
-    out = ForwardOutput(
-        x_hat, expert, enc.probs, enc.top_values, enc.top_indices,
-        {"mse": mse, "lb": lb, "auxk": auxk, "total": total},
-    )
-    return Trace(out, enc.x_centered, experts, enc.gates, enc.acts, enc.cand_indices, *aux,
-                 enc.shared_pre, enc.shared_indices)
+    out = ForwardOutput(x_hat, expert, probs, top_values, top_indices,
+                        {"mse": mse, "lb": lb, "auxk": auxk, "total": total})
+    return Trace(out, x_centered, experts, gates, ex.acts, ex.cand_indices, ex.aux_cand_indices,
+                 ex.aux_recon, n_dead, shared_pre, shared_indices)
 
 
 def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
@@ -181,22 +244,3 @@ def shared_encode(params, x_centered, cfg, backend):
 def uses_auxk(cfg, dead_mask) -> bool:
     """Whether the loss has its AuxK term (a dead mask is given and auxk_coef > 0)."""
     return dead_mask is not None and cfg.auxk_coef != 0
-
-
-def _auxk(x, x_hat, acts, gates, experts, W_dec_flat, cfg, backend, dead_mask):
-    """AuxK term, or None when off: the top k_aux dead latents among each token's routed
-    candidates reconstruct the detached residual x - x_hat (gated like the main decode)."""
-    if not uses_auxk(cfg, dead_mask):
-        return None
-    xp = backend.xp
-    e, m = cfg.experts_per_token, cfg.expert_width
-    routed_dead = xp.reshape(dead_mask[:cfg.n_latents], (cfg.n_experts, m))
-    dead_local = xp.concat([xp.take(routed_dead, experts[:, j], axis=0) for j in range(e)], axis=-1) \
-        if e > 1 else xp.take(routed_dead, experts[:, 0], axis=0)
-    dead_acts = xp.where(dead_local, acts, xp.zeros_like(acts))
-    aux_values, aux_cand = gated_topk(dead_acts, gates, cfg.aux_k, m, backend)
-    aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), W_dec_flat)
-    residual = backend.stop_gradient(x - x_hat)
-    n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))
-    loss = L.auxk_loss(aux_recon, residual, n_dead, float(cfg.aux_k), x, xp)
-    return aux_cand, aux_recon, n_dead, loss

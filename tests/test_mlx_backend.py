@@ -20,7 +20,7 @@ mx = pytest.importorskip("mlx.core")
 from switchsae.backends import load_backend  # noqa: E402
 from switchsae.backends.mlx import Backend as MLXBackend  # noqa: E402
 from switchsae.backends.mlx import decode, encode, topk  # noqa: E402
-from switchsae.backends.mlx.distributed import data_parallel_step  # noqa: E402
+from switchsae.backends.mlx.distributed import DataParallelBackend  # noqa: E402
 from switchsae.conformance import harness as H  # noqa: E402
 from switchsae.conformance.cases import build  # noqa: E402
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step  # noqa: E402
@@ -267,8 +267,9 @@ def test_mlx_safetensors_checkpoint_loads_in_numpy(tmp_path):
 def test_data_parallel_step_on_a_single_process_is_the_plain_step():
     c = build("auxk")
     params, x, dead = H.native(be, c, "float32")
-    dp_backend, dp_step = data_parallel_step(c.cfg)
-    assert dp_backend.group.size() == 1
+    dp_backend = DataParallelBackend()
+    assert dp_backend.world_size == 1
+    dp_step = dp_backend.compile_step(functools.partial(train_step, dp_backend, c.cfg))
     plain = be.compile_step(functools.partial(train_step, be, c.cfg))
     got = dp_step(params, adam_init(params, xp), x, 1e-3, dead)
     want = plain(params, adam_init(params, xp), x, 1e-3, dead)

@@ -26,14 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
-
-from mlx.nn.utils import average_gradients  # noqa: E402
-from switchsae.backends.mlx import Backend as MLXBackend  # noqa: E402
-from switchsae.backends.mlx.distributed import data_parallel_step  # noqa: E402
-from switchsae.conformance import harness as H  # noqa: E402
-from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step  # noqa: E402
-from switchsae.core.dead_latents import update_tokens_since_fired  # noqa: E402
+import mlx.core as mx
+from mlx.nn.utils import average_gradients
+from switchsae.backends.mlx import Backend as MLXBackend
+from switchsae.backends.mlx.distributed import parallel_backend
+from switchsae.conformance import harness as H
+from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
+from switchsae.core.dead_latents import update_tokens_since_fired
 
 WORLD, BATCH, STEPS, LR = 2, 32, 4, 1e-3
 TIMEOUT_S = 240
@@ -52,9 +51,9 @@ def problem():
     return cfg, params, batches, rng.random(cfg.n_latents) < 0.4
 
 
-def train(backend, step, rank: int, world: int, count):
-    """STEPS steps on this rank's slice; AuxK (dead mask) on odd steps.  count(counter, out)
-    updates the dead-latent counter.  -> (params, losses, counter) as NumPy."""
+def train(backend, step, rank: int, world: int, count: bool = True):
+    """STEPS steps on this rank's slice; AuxK (dead mask) on odd steps; count: update the
+    dead-latent counter.  -> (params, losses, counter) as NumPy."""
     cfg, params, batches, dead = problem()
     params = {n: backend.asarray(p, "float32") for n, p in params.items()}
     opt, counter, losses = adam_init(params, backend.xp), mx.zeros(cfg.n_latents), []
@@ -62,7 +61,8 @@ def train(backend, step, rank: int, world: int, count):
     for i, x in enumerate(batches):
         local = backend.asarray(x[rank * size:(rank + 1) * size], "float32")
         params, opt, out = step(params, opt, local, LR, backend.asarray(dead) if i % 2 else None)
-        counter = count(counter, out)
+        if count:
+            counter = update_tokens_since_fired(counter, out.top_indices, out.top_values, backend)
         losses.append([float(out.losses[t]) for t in ("mse", "lb", "auxk", "total")])
     return {n: np.array(p) for n, p in params.items()}, np.array(losses), np.array(counter)
 
@@ -83,14 +83,12 @@ def worker(out_dir: Path) -> None:
     rank, world = group.rank(), group.size()
     assert world == WORLD, f"launched with {world} processes, expected {WORLD}"
     cfg = problem()[0]
-    backend, step = data_parallel_step(cfg, group)
-    def count(counter, out):
-        return backend.update_tokens_since_fired(counter, out.top_indices, out.top_values)
-
-    params, losses, counter = train(backend, step, rank, world, count)
+    backend = parallel_backend("data", group)
+    step = backend.compile_step(functools.partial(train_step, backend, cfg))
+    params, losses, counter = train(backend, step, rank, world)
     naive = NaiveDataParallel(group)
     naive_params = train(naive, naive.compile_step(functools.partial(train_step, naive, cfg)),
-                         rank, world, lambda c, out: c)[0]
+                         rank, world, count=False)[0]
     np.savez(out_dir / f"rank{rank}.npz", losses=losses, counter=counter,
              **params, **{f"naive_{n}": p for n, p in naive_params.items()})
 
@@ -99,10 +97,7 @@ def single_process():
     cfg = problem()[0]
     backend = MLXBackend()
     step = backend.compile_step(functools.partial(train_step, backend, cfg))
-    def count(counter, out):
-        return update_tokens_since_fired(counter, out.top_indices, out.top_values, backend)
-
-    return train(backend, step, 0, 1, count)
+    return train(backend, step, 0, 1)
 
 
 def _free_port_pair() -> int:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import array_api_compat.numpy as np_xp
 import numpy as np
 import pytest
 import torch
@@ -37,8 +38,10 @@ from switchsae.backends.torch.distributed import (
     shutdown,
 )
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, parallel, train_step
+from switchsae.core import losses as L
 from switchsae.core.config import ConfigError
 from switchsae.core.dead_latents import update_tokens_since_fired
+from switchsae.core.spec import forward
 
 from switchsae import load
 from switchsae.checkpoint import list_checkpoints, read_checkpoint, write_checkpoint
@@ -77,7 +80,7 @@ def problem(shared: bool = False, collapsed: bool = False, top2: bool = False):
     return cfg, params, batches, rng.random(cfg.n_latents) < 0.4, rng.normal(size=(BATCH, cfg.d_in))
 
 
-def train(backend, cfg, params, batches, dead, rank=0, world=1, count=None):
+def train(backend, cfg, params, batches, dead, rank=0, world=1, count=True):
     """STEPS steps of `core.train_step` on this rank's slice; AuxK (dead mask) on odd steps.
     params: this rank's (float64 NumPy).  -> (params, losses (STEPS, 4), counter)."""
     params = {n: backend.asarray(p, "float32") for n, p in params.items()}
@@ -86,8 +89,8 @@ def train(backend, cfg, params, batches, dead, rank=0, world=1, count=None):
     for i, x in enumerate(batches):
         mask = torch.as_tensor(dead) if i % 2 else None
         params, opt, out = train_step(backend, cfg, params, opt, backend.asarray(x[rows], "float32"), LR, mask)
-        counter = (count or (lambda c, o: update_tokens_since_fired(c, o.top_indices, o.top_values, backend)))(
-            counter, out)
+        if count:
+            counter = update_tokens_since_fired(counter, out.top_indices, out.top_values, backend)
         losses.append([float(out.losses[t]) for t in ("mse", "lb", "auxk", "total")])
     return params, np.array(losses), counter.numpy()
 
@@ -115,36 +118,32 @@ def worker(out_dir: Path) -> None:
     init_from_env("cpu")
     results = {}
     cfg, params, batches, dead, _ = problem()
-
-    def counter_of(backend):
-        return lambda c, out: backend.update_tokens_since_fired(c, out.top_indices, out.top_values)
-
     dp = parallel_backend("data", device="cpu")
     rank, world = dp.rank, dp.world_size
     assert world == WORLD, f"launched with {world} processes, expected {WORLD}"
-    p, results["dp_losses"], results["dp_counter"] = train(dp, cfg, params, batches, dead, rank, world,
-                                                           counter_of(dp))
+    p, results["dp_losses"], results["dp_counter"] = train(dp, cfg, params, batches, dead, rank, world)
     results.update({f"dp_{n}": a for n, a in _numpy(p).items()})
     cfg2, params2, batches2, dead2, _ = problem(top2=True)
-    p, results["dp_top2_losses"], _ = train(dp, cfg2, params2, batches2, dead2, rank, world, counter_of(dp))
+    p, results["dp_top2_losses"], _ = train(dp, cfg2, params2, batches2, dead2, rank, world)
     results.update({f"dp_top2_{n}": a for n, a in _numpy(p).items()})
     naive = NaiveDataParallel(dp.comm)
-    p = train(naive, cfg, params, batches, dead, rank, world, lambda c, out: c)[0]
+    p = train(naive, cfg, params, batches, dead, rank, world, count=False)[0]
     results.update({f"naive_{n}": a for n, a in _numpy(p).items()})
 
     for tag, exchange, variant in EXPERT_RUNS:
         cfg, params, batches, dead, probe = problem(variant == "shared", variant == "collapsed")
         ep = parallel_backend("expert", device="cpu", exchange=exchange)
         p, results[f"{tag}_losses"], results[f"{tag}_counter"] = train(
-            ep, cfg, ep.shard_params(params), batches, dead, rank, world, counter_of(ep))
+            ep, cfg, ep.shard_params(params), batches, dead, rank, world)
         full = ep.gather_params(p)
         if rank == 0:
             results.update({f"{tag}_{n}": a for n, a in _numpy(full).items()})
             write_checkpoint(out_dir / f"{tag}_ckpt", cfg, _numpy(full))
-        results[f"{tag}_xhat"] = ep.forward(p, ep.asarray(ep.local_batch(probe), "float32"), cfg).x_hat.numpy()
+        with torch.no_grad():  # this rank's half of the probe through the sharded experts
+            results[f"{tag}_xhat"] = forward(p, ep.asarray(probe[ep.batch_rows(BATCH)], "float32"), cfg, ep).x_hat.numpy()
         # one more step's traffic, AuxK on, as the collectives counted it
         before = dict(ep.comm.received)
-        out, _ = ep.loss_and_grads(p, ep.asarray(ep.local_batch(batches[0]), "float32"), cfg, torch.as_tensor(dead))
+        out, _ = ep.loss_and_grads(p, ep.asarray(batches[0][ep.batch_rows(BATCH)], "float32"), cfg, torch.as_tensor(dead))
         results[f"{tag}_bytes"] = np.array([ep.comm.received[k] - before.get(k, 0) for k in TRAFFIC])
         lo, hi = parallel.expert_range(cfg.n_experts, world, rank)
         results[f"{tag}_remote"] = np.array(int(((out.expert < lo) | (out.expert >= hi)).sum()))
@@ -274,24 +273,20 @@ def test_exchange_model_at_a_realistic_config():
     assert gathered["total"] == 536_166_400 and direct["total"] == 67_006_576  # AuxK on
 
 
-def test_core_parallel_on_one_process_is_the_spec():
-    """With one rank (all_sum the identity) the global statistics change nothing."""
-    from switchsae.core.spec import forward
-
-    cfg, params, batches, dead, _ = problem()
-    be = TorchBackend("cpu")
-    p = {n: be.asarray(a, "float32") for n, a in params.items()}
-    x, mask = be.asarray(batches[0], "float32"), torch.as_tensor(dead)
-    out = forward(p, x, cfg, be, mask)
-    factor = parallel.auxk_factor(x, cfg, mask, lambda a: a, 1, be.xp)
-    losses = parallel.with_global_statistics(out.losses, out.router_probs, out.expert, cfg, lambda a: a, 1,
-                                             factor, be.xp)
-    for name, value in out.losses.items():
-        assert float(losses[name]) == pytest.approx(float(value), rel=1e-6), name
-    counter = torch.arange(cfg.n_latents, dtype=torch.float32) * 7
-    np.testing.assert_array_equal(
-        parallel.update_tokens_since_fired(counter, out.top_indices, out.top_values, BATCH, lambda a: a, be),
-        update_tokens_since_fired(counter, out.top_indices, out.top_values, be))
+def test_batch_statistics_of_two_equal_halves_are_the_half_batch_ones():
+    """Two processes holding the same half: the sum over processes is twice the local value, so
+    f_i is the half's and each process's share of the total variance (of the doubled batch,
+    which is twice the half's) is the half's own; with spread-out halves the 2-process runs
+    above check the combination."""
+    cfg, _, batches, _, _ = problem()
+    x = batches[0][:BATCH // 2]
+    experts = np.random.default_rng(0).integers(0, cfg.n_experts, size=(BATCH // 2, 1))
+    stats, xp = parallel.BatchStatistics(lambda a: 2 * a, 2), np_xp
+    np.testing.assert_allclose(stats.total_variance(x, xp), L.total_variance(x, xp), rtol=1e-12)
+    np.testing.assert_array_equal(stats.expert_fractions(experts, cfg.n_experts, np.float64, xp),
+                                  L.expert_fractions(experts, cfg.n_experts, np.float64, xp))
+    whole = np.concatenate([x, x + 1.0])  # one process: the spec's own, to the bit
+    assert parallel.BatchStatistics().total_variance(whole, xp) == L.total_variance(whole, xp)
 
 
 def test_partition_errors_are_clear():

@@ -186,8 +186,8 @@ class _Poisoned(ArraySource):
         super().__init__(data, 128, seed=0)
         self.calls, self.at, self.value = 0, at, value
 
-    def next_batch(self):
-        batch = super().next_batch().copy()
+    def next_batch(self, rows=None):
+        batch = super().next_batch(rows).copy()
         self.calls += 1
         if self.calls == self.at:
             batch[7, 3] = self.value

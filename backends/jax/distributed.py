@@ -19,6 +19,11 @@ row per token, so the sum only adds zeros: the result is exact.
     params = shard_params(params, mesh, cfg)
     opt_state = shard_opt_state(adam_init(params, jnp), mesh, cfg)
     x = shard_batch(x, mesh)
+
+The backend also keeps the `core.Backend` parallel contract (one process, so rank 0 of 1: the
+arrays are global and every statistic is the whole batch's): `parallel_backend("data" |
+"expert")` over all of JAX's devices is what `Trainer` and `switchsae train --backend jax
+--parallel data|expert` use (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from switchsae.core.config import ConfigError
 from switchsae.core.optim import AdamState
 
 from .backend import JaxBackend
@@ -53,18 +59,30 @@ def make_mesh(n_data: int = 1, n_expert: int = 1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices[: n_data * n_expert]).reshape(n_data, n_expert), (DATA, EXPERT))
 
 
+def parallel_backend(mode: str, devices=None) -> ExpertParallelBackend:
+    """The backend for `mode` over `devices` (default: all of JAX's): "data" splits the batch
+    over them (mesh n x 1), "expert" the experts too (mesh 1 x n)."""
+    n = len(jax.devices() if devices is None else devices)
+    if mode not in ("data", "expert"):
+        raise ConfigError(f"parallel mode must be 'data' or 'expert', got {mode!r}")
+    return ExpertParallelBackend(make_mesh(n, 1, devices) if mode == "data" else make_mesh(1, n, devices))
+
+
 def param_shardings(mesh: Mesh, cfg) -> dict[str, NamedSharding]:
     """Parameter name -> NamedSharding (see the module docstring for the layout)."""
     if cfg.n_experts % mesh.shape[EXPERT]:
-        raise ValueError(
+        raise ConfigError(
             f"n_experts ({cfg.n_experts}) must be divisible by the mesh's expert axis "
             f"({mesh.shape[EXPERT]} devices)"
         )
-    split = set(_EXPERT_PARAMS)
-    if cfg.shared_latents % mesh.shape[EXPERT] == 0:
-        split.add("W_dec_shared")
-    return {name: NamedSharding(mesh, _BY_EXPERT if name in split else P())
-            for name in cfg.param_shapes()}
+    return {name: _sharding(mesh, name, shape[0]) for name, shape in cfg.param_shapes().items()}
+
+
+def _sharding(mesh: Mesh, name: str, rows: int) -> NamedSharding:
+    """A parameter's (or Adam moment's) placement: split over "expert" by its leading axis
+    (experts, or W_dec_shared's rows when they divide evenly), else replicated."""
+    split = name in _EXPERT_PARAMS or (name == "W_dec_shared" and rows % mesh.shape[EXPERT] == 0)
+    return NamedSharding(mesh, _BY_EXPERT if split else P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -102,6 +120,27 @@ class ExpertParallelBackend(JaxBackend):
             raise ValueError(f"mesh axes must be {(DATA, EXPERT)}, got {tuple(mesh.axis_names)}")
         self.mesh = mesh
         self.n_ep = mesh.shape[EXPERT]
+        self.parallel = "expert" if self.n_ep > 1 else "data"
+
+    # -- the parallel contract (one process: the arrays are global) ---------------------------
+    def describe_parallel(self) -> str:
+        return f"{self.parallel} parallel, {self.mesh.size} devices ({self.mesh.shape[DATA]} data x {self.n_ep} expert)"
+
+    def check_partition(self, cfg, batch_size: int) -> None:
+        param_shardings(self.mesh, cfg)
+        if batch_size % self.mesh.size:
+            raise ConfigError(f"the batch size ({batch_size}) must be divisible by the number of devices "
+                              f"({self.mesh.size})")
+
+    def local_backend(self) -> JaxBackend:
+        return JaxBackend()
+
+    def place_batch(self, x, dtype=None):
+        return shard_batch(self.asarray(x, dtype), self.mesh)
+
+    def shard_params(self, arrays: dict) -> dict:
+        """Whole parameters (or Adam moments) -> placed on the mesh, experts split over "expert"."""
+        return {name: jax.device_put(a, _sharding(self.mesh, name, a.shape[0])) for name, a in arrays.items()}
 
     def topk(self, acts, k):
         """Per-device `jax.lax.top_k` of each token's row.  acts: (batch, n) -> (batch, k) x2."""

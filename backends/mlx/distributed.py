@@ -1,69 +1,73 @@
-"""Data-parallel training with `mx.distributed` (launch with `mlx.launch -n P --backend ring`).
+"""Data-parallel training with `mx.distributed` (launch with `mlx.launch -n P --backend ring`):
+`parallel_backend("data")`, or `switchsae train --backend mlx --parallel data` under mlx.launch.
 
-Every process holds the same parameters and optimiser state and a slice of the batch; all
-slices must have the same size.  Gradients are averaged with `mlx.nn.utils.average_gradients`,
-then the shared `core.train_step` clips, steps and renormalises identically everywhere.
-
-Averaging per-process gradients reproduces the full-batch gradient for every term that is a mean
-over tokens (MSE; P_i, the mean router probability).  Two batch statistics are not, so each
-process's loss uses their global value, all-reduced (and detached: neither carries gradient):
-  * f_i, the fraction of tokens routed to expert i, in lb = N sum_i f_i P_i;
-  * the total variance of x, AuxK's denominator (combined from per-process means and variances).
-With these the averaged gradients, the reported losses and hence the weights equal one process
-stepping on the whole batch, up to float rounding.  Dead-latent counters stay in step by counting
-the firings of all processes (`update_tokens_since_fired`).
-"""
+Every process holds the same parameters and optimiser state and trains on its slice of the
+global batch (all slices the same size).  `core.spec.trace` gives each process its share of the
+full-batch loss (global f_i and AuxK total variance, `core.parallel.BatchStatistics` over this
+backend's `all_sum`); gradients are averaged with `mlx.nn.utils.average_gradients`, then the
+shared `core.train_step` clips, steps and renormalises identically everywhere, so the weights
+equal one process stepping on the whole batch, up to float rounding.  Dead-latent counters
+count the firings of every process (`core.dead_latents`)."""
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 from mlx.nn.utils import average_gradients
+from switchsae.backends import BackendError
 from switchsae.core import parallel
-from switchsae.core.spec import forward
-from switchsae.core.train_step import train_step
 
-from .backend import MLXBackend, outputs_and_grads
+from .backend import MLXBackend
+
+_LAUNCHED = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # set by mlx.launch / mpirun
+
+
+def parallel_backend(mode: str, group=None) -> DataParallelBackend:
+    """The data-parallel MLX backend on `group` (None: the processes of this `mlx.launch`)."""
+    if mode != "data":
+        raise BackendError(f"MLX trains data parallel only, not {mode!r}")
+    if group is None:
+        try:
+            group = mx.distributed.init(strict=True)
+        except RuntimeError as e:
+            raise BackendError(f"mx.distributed found no process group ({e}): launch with mlx.launch "
+                               "(e.g. mlx.launch -n 2 --backend ring -- python -m switchsae train "
+                               "--backend mlx --parallel data ...)") from e
+    return DataParallelBackend(group)
 
 
 class DataParallelBackend(MLXBackend):
     """The MLX backend whose `loss_and_grads` returns full-batch losses and gradients from this
-    process's slice x: (batch / P, d).  group: an `mx.distributed.Group` (default: the global one).
-    The global statistics are `core.parallel`'s, as for the torch data-parallel backend."""
+    process's slice x: (batch / P, d).  group: an `mx.distributed.Group` (default: the global one)."""
+
+    parallel = "data"
 
     def __init__(self, group=None):
         self.group = group if group is not None else mx.distributed.init()
+        self.rank, self.world_size = self.group.rank(), self.group.size()
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        xp, world = self.xp, self.group.size()
-        factor = parallel.auxk_factor(x, cfg, dead_mask, self._all_sum, world, xp)
+    def check_partition(self, cfg, batch_size: int) -> None:
+        parallel.check_parallel(cfg, self.world_size, self.parallel)
+        parallel.batch_rows(batch_size, self.world_size, self.rank)
 
-        def run(p):
-            out = forward(p, x, cfg, self, dead_mask)
-            return out._replace(losses=parallel.with_global_statistics(
-                out.losses, out.router_probs, out.expert, cfg, self._all_sum, world, factor, xp))
-
-        out, grads = outputs_and_grads(run, params)
-        losses = {name: self._all_sum(value) / world for name, value in out.losses.items()}
-        return out._replace(losses=losses), average_gradients(grads, group=self.group)
-
-    def _all_sum(self, a):
+    def all_sum(self, a):
         return mx.distributed.all_sum(mx.stop_gradient(a), group=self.group)
 
-    def update_tokens_since_fired(self, counter, top_indices, top_values):
-        """`core.dead_latents.update_tokens_since_fired` over the firings of every process (an
-        all-sum of the (M,) hit counts).  counter: (M,); top_indices, top_values: (batch / P, k)
-        -> (M,), equal on all processes."""
-        return parallel.update_tokens_since_fired(counter, top_indices, top_values,
-                                                  top_indices.shape[0] * self.group.size(),
-                                                  self._all_sum, self)
+    def local_backend(self) -> MLXBackend:
+        return MLXBackend()
 
+    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+        out, grads = super().loss_and_grads(params, x, cfg, dead_mask)
+        losses = {name: self.all_sum(value) / self.world_size for name, value in out.losses.items()}
+        return out._replace(losses=losses), average_gradients(grads, group=self.group)
 
-def data_parallel_step(cfg, group=None, compile: bool = True, **train_kwargs):
-    """-> (backend, step): step(params, opt_state, x_local, lr, dead_mask=None) is
-    `core.train_step.train_step` on a `DataParallelBackend` (compiled with `mx.compile` unless
-    compile=False); train_kwargs (max_grad_norm, betas) are passed to it."""
-    backend = DataParallelBackend(group)
-    step = functools.partial(train_step, backend, cfg, **train_kwargs)
-    return backend, (backend.compile_step(step) if compile else step)
+    def gather_outputs(self, out, x):
+        """This process's outputs and batch -> the whole batch's (an all-gather each)."""
+        def gather(a):
+            return mx.distributed.all_gather(a, group=self.group)
+
+        return out._replace(x_hat=gather(out.x_hat), expert=gather(out.expert),
+                            router_probs=gather(out.router_probs), top_values=gather(out.top_values),
+                            top_indices=gather(out.top_indices)), gather(x)
+
+    def barrier(self) -> None:
+        mx.eval(self.all_sum(mx.array(0.0)))

@@ -74,16 +74,23 @@ class TorchBackend(Backend):
     # -- training -----------------------------------------------------------------------------
     def loss_and_grads(self, params, x, cfg, dead_mask=None):
         """Autograd through core.spec.forward with this backend's hooks."""
+        return self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask))
+
+    def differentiate(self, params, run, loss_scale: float = 1.0):
+        """run(params) -> ForwardOutput.  -> (its ForwardOutput with detached tensors, gradients
+        of loss_scale * losses["total"]); a parameter the loss does not reach (a process's
+        experts that received no token) gets a zero gradient."""
         names = list(params)
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         with torch.enable_grad():
-            out = forward(leaves, x, cfg, self, dead_mask)
-            grads = torch.autograd.grad(out.losses["total"], [leaves[n] for n in names])
+            out = run(leaves)
+            total = out.losses["total"] if loss_scale == 1.0 else out.losses["total"] * loss_scale
+            grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
         out = ForwardOutput(
             out.x_hat.detach(), out.expert, out.router_probs.detach(), out.top_values.detach(),
             out.top_indices, {name: v.detach() for name, v in out.losses.items()},
         )
-        return out, dict(zip(names, grads))
+        return out, {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
 
     def update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
         """clip -> drop decoder-parallel gradient -> Adam -> renormalise decoder, fused and IN

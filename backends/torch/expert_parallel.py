@@ -11,6 +11,9 @@ gradients all-reduced.  Each rank holds its own batch / R tokens and, per step:
   4. combine: sends the reconstructions (and AuxK's, and the kept values and latent ids) back
      to the tokens' ranks, which finish x_hat and the losses exactly as the spec does.
 
+Steps 2 and 4 are this backend's `dispatch` hook; `core.spec.trace` does the rest (the owner's
+step 3 is the spec's `run_experts`, the losses its own, with `core.parallel.BatchStatistics`).
+
 Two exchanges, the same numbers (exact, no token is dropped):
   * "all_gather": every rank gathers every token and expert id, computes the rows of its own
     experts, and a reduce-scatter sums the zero-padded outputs back (each token has exactly one
@@ -31,14 +34,14 @@ norm (expert shards' squared norms all-reduced).  Top-1 routing only."""
 from __future__ import annotations
 
 import torch
-from switchsae.core import losses as L
-from switchsae.core import parallel, spec
+from switchsae.core import parallel
+from switchsae.core.config import ConfigError
 from switchsae.core.optim import CLIP_EPS
-from switchsae.core.router import choose_experts, router_probs
-from switchsae.core.spec import ForwardOutput
+from switchsae.core.spec import Experts, forward
 
 from .backend import TorchBackend
-from .distributed import DistributedError, DistributedMixin, detached
+from .dispatch import route, sort_rows, unsort_rows
+from .process_group import DistributedError, DistributedMixin
 from .sparse import counts
 
 EXCHANGES = ("all_to_all", "all_gather")
@@ -80,22 +83,9 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
     def loss_and_grads(self, params, x, cfg, dead_mask=None):
         """params: this rank's (sharded); x: (batch / R, d).  -> (ForwardOutput of this rank's
         tokens with the full-batch losses, this rank's gradients)."""
-        names = list(params)
-        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-        with torch.enable_grad():
-            out = self._forward(leaves, x, cfg, dead_mask)
-            grads = torch.autograd.grad(out.losses["total"] / self.world_size,
-                                        [leaves[n] for n in names], allow_unused=True)
-        grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
+        out, grads = self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask), 1 / self.world_size)
         self.comm.all_sum_([g for n, g in grads.items() if n not in parallel.EXPERT_SHARDED])
-        return detached(out, self._mean_losses(out.losses)), grads
-
-    def forward(self, params, x, cfg, dead_mask=None) -> ForwardOutput:
-        """The spec's forward pass of this rank's tokens through the sharded model (a collective:
-        every rank calls it with its own tokens); losses are the full-batch ones."""
-        with torch.no_grad():
-            out = self._forward(params, x, cfg, dead_mask)
-        return detached(out, self._mean_losses(out.losses))
+        return self._mean_losses(out), grads
 
     def update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
         """`TorchBackend.update` (in place) after clipping by the global gradient norm."""
@@ -108,66 +98,33 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
                 g.mul_(scale.to(g.dtype))
         return TorchBackend.update(self, params, grads, opt_state, lr, None, betas)
 
-    # -- the forward pass -------------------------------------------------------------------
-    def _forward(self, p, x, cfg, dead_mask) -> ForwardOutput:
-        """Route, dispatch, run own experts, combine, finish as `core.spec.trace`; losses are
-        this rank's share (`core.parallel.with_global_statistics`), with gradient."""
-        parallel.check_parallel(cfg, self.world_size, "expert")
-        xp, world = self.xp, self.world_size
-        d, m, k_r, n = cfg.d_in, cfg.expert_width, cfg.routed_k, cfg.n_experts
-        lo, hi = parallel.expert_range(n, world, self.rank)
-        use_aux = dead_mask is not None and cfg.auxk_coef != 0
-        factor = parallel.auxk_factor(x, cfg, dead_mask, self._all_sum, world, xp)
-
-        probs = router_probs(x, p["b_router"], p["W_router"], xp)
-        expert = choose_experts(probs, xp)
-        gates = spec.gates_of(probs, expert[:, None], cfg.router_scale, xp)
-        x_centered = x - p["b_pre"]
-        route = (_AllToAll if self.exchange == "all_to_all" else _AllGather)(self.comm, expert, n, lo, hi)
-
-        # on the owner: this rank's experts on the tokens routed to them
-        rows = route.dispatch(torch.cat([x_centered, gates], dim=1))
-        local = route.local_expert[:, None]
-        # the rows arrive centred (b_pre's gradient flows back through the exchange)
-        acts, kept, cand = self.encode_topk(rows[:, :d].contiguous(), x.new_zeros(d), p["W_enc"],
-                                            p.get("b_enc"), route.local_expert, k_r, keep_acts=use_aux)
-        values = kept * rows[:, d:]  # gated as core.spec.encode
-        table = p["W_dec"].reshape(-1, d)
-        recon = [self.decode(values, spec.global_ids(cand, local, m, xp), table)]
-        if use_aux:
-            dead = dead_mask[:cfg.n_latents].reshape(n, m)[lo:hi][route.local_expert]
-            aux_values, aux_cand = spec.gated_topk(xp.where(dead, acts, xp.zeros_like(acts)),
-                                                   rows[:, d:], cfg.aux_k, m, self)
-            recon.append(self.decode(aux_values, spec.global_ids(aux_cand, local, m, xp), table))
-        back = route.combine(torch.cat(recon, dim=1))
-        bits = torch.float64 if values.dtype == torch.float64 else torch.float32  # exact carrier
+    # -- the exchange -----------------------------------------------------------------------
+    def dispatch(self, run, x, gates, experts, dead, n_experts):
+        """Send each token (x, gate) to its expert's owner, run this rank's experts there on what
+        arrived (`run`, with the rows of `dead` of this rank's experts), send the reconstructions
+        (with gradient) and the kept values and positions (without) back.  A collective."""
+        if experts.shape[1] != 1:
+            raise ConfigError("expert parallel supports top-1 routing (experts_per_token = 1) only, "
+                              f"got experts_per_token = {experts.shape[1]}")
+        lo, hi = parallel.expert_range(n_experts, self.world_size, self.rank)
+        d = x.shape[1]
+        exchange = (_DirectExchange if self.exchange == "all_to_all" else _GatheredExchange)(
+            self.comm, experts[:, 0], n_experts, lo, hi)
+        rows = exchange.dispatch(torch.cat([x, gates], dim=1))
+        mine = run(rows[:, :d].contiguous(), rows[:, d:], exchange.local_expert[:, None],
+                   None if dead is None else dead[lo:hi])
+        back = exchange.combine(mine.recon if dead is None else torch.cat([mine.recon, mine.aux_recon], dim=1))
+        bits = torch.float64 if mine.values.dtype == torch.float64 else torch.float32  # exact carrier
         ints = _SAME_SIZE_INT[bits]
-        meta = route.combine_meta(torch.cat([values.detach().to(bits).view(ints), cand.to(ints)], dim=1))
-
-        # back on the tokens' rank: as core.spec.trace
-        top_values = meta[:, :k_r].contiguous().view(bits).to(x.dtype)
-        top_indices = spec.global_ids(meta[:, k_r:].to(torch.int64), expert[:, None], m, xp)
-        x_hat = back[:, :d] + p["b_pre"]
-        if cfg.shared_latents:
-            _, shared_values, shared_ids = spec.shared_encode(p, x_centered, cfg, self)
-            top_values = xp.concat([top_values, shared_values.detach()], axis=-1)
-            top_indices = xp.concat([top_indices, shared_ids + cfg.n_latents], axis=-1)
-            x_hat = x_hat + self.decode(shared_values, shared_ids, p["W_dec_shared"])
-        mse = L.mse_loss(x, x_hat, xp)
-        lb = L.load_balance_loss(probs, expert[:, None], xp)
-        total = mse + cfg.lb_weight * lb
-        if use_aux:
-            n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))
-            auxk = L.auxk_loss(back[:, d:], (x - x_hat).detach(), n_dead, float(cfg.aux_k), x, xp)
-            total = total + cfg.auxk_coef * auxk
-        else:
-            auxk = xp.zeros_like(mse)
-        losses = parallel.with_global_statistics({"mse": mse, "lb": lb, "auxk": auxk, "total": total},
-                                                 probs, expert, cfg, self._all_sum, world, factor, xp)
-        return ForwardOutput(x_hat, expert, probs, top_values, top_indices, losses)
+        meta = exchange.combine_meta(torch.cat([mine.values.detach().to(bits).view(ints),
+                                                mine.cand_indices.to(ints)], dim=1))
+        k = mine.values.shape[1]
+        values = meta[:, :k].contiguous().view(bits).to(x.dtype)
+        return Experts(values, meta[:, k:].to(torch.int64), back[:, :d],
+                       aux_recon=None if dead is None else back[:, d:])
 
 
-class _AllGather:
+class _GatheredExchange:
     """Every rank gathers every token; the owner takes its experts' rows; a reduce-scatter sums
     the zero-padded outputs back.  local_expert: (n_own,) expert - lo of the owned rows."""
 
@@ -190,14 +147,13 @@ class _AllGather:
         return self.comm.reduce_scatter(padded, "meta")
 
 
-class _AllToAll:
-    """Tokens sorted by expert; counts exchanged; each row goes to its owner and back.
-    Received rows come grouped by source rank, then by local expert (from the counts)."""
+class _DirectExchange:
+    """Tokens sorted by expert (`dispatch.route`); counts exchanged; each row goes to its owner
+    and back.  Received rows come grouped by source rank, then by local expert (from the counts)."""
 
     def __init__(self, comm, expert, n_experts, lo, hi):
         self.comm, world, per = comm, comm.world, hi - lo
-        self.order = torch.argsort(expert, stable=True)
-        self.inverse = torch.argsort(self.order)
+        self.perm = route(expert, n_experts).perm
         sent = counts(expert, n_experts)  # (N,): experts of rank s at [s * per, (s + 1) * per)
         received = comm.all_to_all(sent, [per] * world, [per] * world, "counts")
         self.send = sent.view(world, per).sum(1).tolist()  # rows to each rank (host sync)
@@ -206,13 +162,13 @@ class _AllToAll:
         self.local_expert = torch.repeat_interleave(ids, received)
 
     def dispatch(self, a):
-        return self.comm.all_to_all_grad(a[self.order], self.recv, self.send, "dispatch")
+        return self.comm.all_to_all_grad(sort_rows(a, self.perm), self.recv, self.send, "dispatch")
 
     def combine(self, a):
-        return self.comm.all_to_all_grad(a, self.send, self.recv, "combine")[self.inverse]
+        return unsort_rows(self.comm.all_to_all_grad(a, self.send, self.recv, "combine"), self.perm)
 
     def combine_meta(self, a):
-        return self.comm.all_to_all(a, self.send, self.recv, "meta")[self.inverse]
+        return unsort_rows(self.comm.all_to_all(a, self.send, self.recv, "meta"), self.perm)
 
 
 def _copy(a):

@@ -125,8 +125,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")
     t.add_argument("--seed", type=int, help=f"initialisation and data-order seed (default {d['seed']})")
     t.add_argument("--parallel", choices=("data", "expert"),
-                   help="train on the processes of a torchrun launch (torch backend): 'data' splits every "
-                        "batch, 'expert' also splits the experts; rank 0 writes the outputs")
+                   help="'data' splits every batch, 'expert' also splits the experts: torch over the "
+                        "processes of a torchrun launch, jax over its devices, mlx (data only) over "
+                        "the processes of an mlx.launch; rank 0 writes the outputs")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
     o.add_argument("--resume", metavar="DIR",
@@ -176,39 +177,23 @@ def default_backend() -> str:
 
 
 def cmd_train(args) -> int:
-    if args.parallel:
-        return _train_distributed(args)
+    from switchsae.backends import load_parallel_backend
+
     from switchsae import get_backend
 
-    return _train(args, get_backend(args.backend or default_backend()))
-
-
-def _train_distributed(args) -> int:
-    """`switchsae train --parallel data|expert`, on every rank of a torchrun launch."""
-    if (args.backend or "torch") != "torch":
-        raise CLIError(f"--parallel trains with torch.distributed: use --backend torch, not {args.backend}")
-    try:
-        import torch.distributed as dist
-
-        from switchsae.backends.torch import distributed
-    except ImportError as e:
-        raise CLIError(f"--parallel needs torch (pip install 'switchsae[torch]'): {e}") from e
-    try:
-        distributed.init_from_env()
-        backend = distributed.parallel_backend(args.parallel)
-    except distributed.DistributedError as e:
-        raise CLIError(str(e)) from e
+    name = args.backend or default_backend()
+    backend = load_parallel_backend(name, args.parallel) if args.parallel else get_backend(name)
     try:
         return _train(args, backend)
-    finally:
-        if dist.is_initialized():  # failed before the end: no barrier, other ranks may be gone
-            dist.destroy_process_group()
+    except BaseException:
+        backend.shutdown(failed=True)
+        raise
 
 
 def _train(args, backend) -> int:
     from switchsae.training import DataSpec, Trainer, build_sources
 
-    main = getattr(backend, "rank", 0) == 0  # distributed: rank 0 alone prints and writes
+    main = backend.rank == 0  # parallel: rank 0 alone prints and writes
     progress = not args.no_progress and main
 
     def sources(spec, batch_size, seed):
@@ -216,7 +201,7 @@ def _train(args, backend) -> int:
         if not main:
             backend.barrier()
         built = build_sources(spec, batch_size, seed, progress)
-        if main and hasattr(backend, "barrier"):
+        if main:
             backend.barrier()
         return built
 
@@ -235,15 +220,11 @@ def _train(args, backend) -> int:
         train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
         trainer = Trainer(cfg, tc, train_src, backend, data_spec=spec.to_dict(), progress=progress)
     if main:
-        where = f" ({backend.parallel} parallel, {backend.world_size} processes)" \
-            if hasattr(backend, "parallel") else ""
+        where = f" ({backend.describe_parallel()})" if backend.parallel else ""
         print(f"training {trainer.cfg.n_experts} experts x {trainer.cfg.expert_width} latents, k={trainer.cfg.k}, "
               f"on {spec.describe()} with {backend.name}{where}; output {trainer.out_dir}", flush=True)
     result = trainer.run()
-    if hasattr(backend, "parallel"):  # everything rank 0 needs is gathered: leave the group
-        from switchsae.backends.torch.distributed import shutdown
-
-        shutdown()
+    backend.shutdown()  # everything rank 0 needs is gathered: leave the group
     if main:
         _finish(args, trainer, result, spec, eval_src, eval_label)
     return 0

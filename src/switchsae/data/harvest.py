@@ -289,8 +289,8 @@ class HarvestSource(ActivationSource):
         self.d_in, self.dtype = self.inner.d_in, self.inner.dtype
         self.batch_size, self.n_rows = self.inner.batch_size, self.inner.n_rows
 
-    def next_batch(self) -> np.ndarray:
-        return self.inner.next_batch()
+    def next_batch(self, rows: slice | None = None) -> np.ndarray:
+        return self.inner.next_batch(rows)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

@@ -100,8 +100,10 @@ class ActivationSource:
     batch_size: int
     n_rows: int
 
-    def next_batch(self) -> np.ndarray:
-        """Return the next ``(batch_size, d_in)`` array."""
+    def next_batch(self, rows: slice | None = None) -> np.ndarray:
+        """Return the next ``(batch_size, d_in)`` array, or only its ``rows`` (a slice of
+        ``range(batch_size)``, e.g. one process's share: the others are not read, and the
+        stream still advances by a whole batch)."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -143,13 +145,18 @@ class _RowStream(ActivationSource):
     def _apply_config(self, cfg: dict) -> None:
         pass
 
-    def next_batch(self) -> np.ndarray:
-        parts, need = [], self.batch_size
-        while need:
-            take = min(need, self.n_rows - self.offset)
-            parts.append(self._rows(self.epoch, self.offset, self.offset + take))
+    def next_batch(self, rows: slice | None = None) -> np.ndarray:
+        lo, hi, step = (rows or slice(0, self.batch_size)).indices(self.batch_size)
+        if step != 1 or lo >= hi:
+            raise DataError(f"rows must be a non-empty contiguous slice of the batch's {self.batch_size}, got {rows}")
+        parts, done = [], 0  # done: rows of this batch passed so far
+        while done < self.batch_size:
+            take = min(self.batch_size - done, self.n_rows - self.offset)
+            a, b = max(lo, done), min(hi, done + take)  # the wanted rows in this stretch
+            if a < b:
+                parts.append(self._rows(self.epoch, self.offset + a - done, self.offset + b - done))
             self.offset += take
-            need -= take
+            done += take
             if self.offset == self.n_rows:
                 self.epoch, self.offset = self.epoch + 1, 0
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)

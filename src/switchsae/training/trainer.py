@@ -18,7 +18,7 @@ from switchsae.core.config import ConfigError, SwitchSAEConfig
 from switchsae.core.dead_latents import dead_mask, update_tokens_since_fired
 from switchsae.core.init import geometric_median, init_params
 from switchsae.core.optim import AdamState, adam_init
-from switchsae.core.parallel import batch_rows, check_parallel
+from switchsae.core.spec import uses_auxk
 from switchsae.core.train_step import train_step
 from switchsae.data import DataError
 from switchsae.model import SwitchSAE
@@ -60,11 +60,12 @@ class Trainer:
     `Trainer.resume(path, source)` continues a checkpointed run exactly (same data order,
     same numbers).  data_spec: a JSON-able description of the source, stored for resuming.
 
-    Distributed (a backend from `switchsae.backends.torch.distributed.parallel_backend`, every
-    rank running this with the same source and configs): each rank reads every batch and
-    trains on its slice (`batch_size` is the global batch); rank 0 alone writes the metrics
-    and checkpoints (whole parameters, gathered); `run().sae` is None on the other ranks of an
-    expert-parallel run.
+    Parallel (a backend with `parallel` set, e.g. from `switchsae.backends.load_parallel_backend`;
+    on several processes every one runs this with the same source and configs): `batch_size`
+    is the global batch; each process reads the whole first batch (initialisation: scale and
+    geometric median of the whole batch) and then only its own rows of each batch
+    (`backend.batch_rows`); rank 0 alone writes the metrics and checkpoints (whole parameters,
+    gathered); `run().sae` is None on the other ranks of an expert-parallel run.
     """
 
     def __init__(self, cfg: SwitchSAEConfig, train_cfg: TrainConfig, source, backend=None, *,
@@ -79,7 +80,8 @@ class Trainer:
         self.step, self.elapsed, self.scale = 0, 0.0, 1.0
         self.params = self.opt_state = self.counter = None
         self.last_checkpoint: Path | None = None
-        self.is_main = getattr(self.backend, "rank", 0) == 0  # the process that writes
+        self.rows = self.backend.batch_rows(train_cfg.batch_size)  # this process's rows of a batch
+        self.is_main = self.backend.rank == 0  # the process that writes
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -140,7 +142,7 @@ class Trainer:
         history = read_metrics(log.path) if log else []
         step_fn = self.backend.compile_step(
             functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm))
-        pending = self._initialise(self._checked_batch()) if self.params is None else None
+        pending = self._initialise(self._checked_batch(whole=True))[self.rows] if self.params is None else None
         bar = tqdm(total=tc.steps, initial=self.step, unit="step", disable=not (self.progress and self.is_main),
                    desc=f"switch sae ({self.backend.name})", dynamic_ncols=True)
         window = [time.perf_counter(), 0]  # start time and tokens of the current log window
@@ -169,32 +171,26 @@ class Trainer:
     def _update(self, step_fn, x_np: np.ndarray):
         """One optimiser step on the (scaled) batch; -> (native batch, lr, ForwardOutput)."""
         be = self.backend
-        x = be.asarray(be.local_batch(x_np) if hasattr(be, "local_batch") else x_np, self.cfg.dtype)
+        x = be.place_batch(x_np, self.cfg.dtype)
         lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup_steps, self.tc.decay_fraction)
         self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, self._dead_mask())
         self.step += 1
         self._check_loss(out)
-        if hasattr(be, "update_tokens_since_fired"):  # distributed: every rank's firings
-            self.counter = be.update_tokens_since_fired(self.counter, out.top_indices, out.top_values)
-        else:
-            self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
+        self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
         return x, lr, out
 
     def _dead_mask(self):
         """The dead latents AuxK revives, or None without AuxK work to do: when auxk_coef is 0, or
         while no latent is dead (AuxK is then exactly 0, with no gradient, yet its TopK over
         k_aux candidates and their decode would cost more than the rest of the step)."""
-        if self.cfg.auxk_coef == 0:
-            return None
         mask = dead_mask(self.counter, self.dead_tokens)
-        return mask if bool(self.backend.xp.any(mask)) else None
+        return mask if uses_auxk(self.cfg, mask) and bool(self.backend.xp.any(mask)) else None
 
     def _record(self, out, x, lr: float, window: list) -> dict:
         """The metrics line for this step; window: [start time, tokens] since the last line."""
         seconds = max(time.perf_counter() - window[0], 1e-9)
         self.elapsed += seconds
-        if hasattr(self.backend, "gather_outputs"):  # distributed: metrics of the whole batch
-            out, x = self.backend.gather_outputs(out, x)
+        out, x = self.backend.gather_outputs(out, x)  # parallel: metrics of the whole batch
         return {"step": self.step, "tokens": self.step * self.tc.batch_size, "lr": lr,
                 **step_metrics(out, x, self.counter, self.cfg, self.dead_tokens, self.backend),
                 "tokens_per_s": window[1] / seconds, "elapsed_s": self.elapsed}
@@ -209,11 +205,15 @@ class Trainer:
             shutil.rmtree(torn, ignore_errors=True)
         return MetricsLog(self.out_dir / METRICS_FILE, self.step or None)
 
-    def _checked_batch(self) -> np.ndarray:
-        batch = self.source.next_batch()
-        if batch.shape != (self.tc.batch_size, self.cfg.d_in):
+    def _checked_batch(self, whole: bool = False) -> np.ndarray:
+        """The next batch: this process's rows of it (whole: all of them)."""
+        rows = self.rows.stop - self.rows.start
+        whole = whole or rows == self.tc.batch_size
+        batch = self.source.next_batch() if whole else self.source.next_batch(self.rows)
+        rows = self.tc.batch_size if whole else rows
+        if batch.shape != (rows, self.cfg.d_in):
             raise DataError(f"step {self.step + 1}: the data source gave a batch of shape {batch.shape}, "
-                            f"expected {(self.tc.batch_size, self.cfg.d_in)}")
+                            f"expected {(rows, self.cfg.d_in)}")
         if not np.all(np.isfinite(batch)):
             row, col = np.argwhere(~np.isfinite(batch))[0]
             raise NonFiniteError(f"step {self.step + 1}: activations hold NaN/inf (batch row {row}, "
@@ -236,7 +236,7 @@ class Trainer:
         of an expert-parallel run: a collective there, every rank must call it)."""
         params = self._numpy(self.params)
         return None if params is None else SwitchSAE.from_params(self.cfg, fold_scale(params, self.scale),
-                                                                 self.backend)
+                                                                 self.backend.local_backend())
 
     def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint `<out_dir>/checkpoints/step_<n>` and prune old ones
@@ -270,15 +270,14 @@ class Trainer:
     def _numpy(self, arrays: dict) -> dict | None:
         """NumPy copies (a backend may share memory with arrays it later updates in place) of
         whole parameters or moments (distributed: gathered; None where they are not)."""
-        if hasattr(self.backend, "gather_params"):
-            arrays = self.backend.gather_params(arrays)
-            if arrays is None:
-                return None
+        arrays = self.backend.gather_params(arrays)
+        if arrays is None:
+            return None
         return {k: np.array(self.backend.to_numpy(v)) for k, v in arrays.items()}
 
     def _local(self, arrays: dict) -> dict:
         """Whole parameters or moments -> this process's part (expert parallel: its experts)."""
-        return self.backend.shard_params(arrays) if hasattr(self.backend, "shard_params") else arrays
+        return self.backend.shard_params(arrays)
 
 
 def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None:
@@ -294,7 +293,4 @@ def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None
         backend.dtype(cfg.dtype)
     except TypeError as e:
         raise ConfigError(str(e)) from e
-    mode = getattr(backend, "parallel", "")
-    if mode:  # distributed: equal batch slices (and whole experts per process)
-        check_parallel(cfg, backend.world_size, mode)
-        batch_rows(tc.batch_size, backend.world_size, 0)
+    backend.check_partition(cfg, tc.batch_size)  # parallel: equal batch slices, whole experts
