@@ -1,7 +1,7 @@
 """Data parallel with mx.distributed: 2 processes on half batches == 1 process on the full batch.
 
-The test launches this file as the worker: `mlx.launch -n 2 --backend ring` on 127.0.0.1 (the
-ring backend is plain TCP, so it runs on a Linux CPU machine).  Each rank trains on its half of
+The test launches this file as the worker: `mlx.launch -n 2 --backend ring` on 127.0.0.1
+(`launch.mlx_launch`: the ring backend is plain TCP, so it runs on a Linux CPU machine).  Each rank trains on its half of
 every batch and saves its parameters; the test repeats the run on one process with the full
 batches and compares.  `mlx.launch` exits 0 even when a rank fails, so success is judged by the
 files the ranks write, never by the launcher's exit code.
@@ -15,18 +15,12 @@ the updates must agree to the conformance suite's float32 step tolerance (1e-4 r
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
+import launch
 import mlx.core as mx
+import numpy as np
 from mlx.nn.utils import average_gradients
 from switchsae.backends.mlx import Backend as MLXBackend
 from switchsae.backends.mlx.distributed import parallel_backend
@@ -100,40 +94,10 @@ def single_process():
     return train(backend, step, 0, 1)
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 1 free (the ring backend listens on starting port + rank)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
-
-
-def _launcher() -> str:
-    beside = Path(sys.executable).with_name("mlx.launch")
-    found = str(beside) if beside.exists() else shutil.which("mlx.launch")
-    assert found, "mlx.launch (installed with mlx) not found beside the interpreter or on PATH"
-    return found
-
-
 def test_two_ring_processes_on_half_batches_equal_one_on_the_full_batch(tmp_path):
-    cmd = [_launcher(), "-n", str(WORLD), "--backend", "ring", "--starting-port", str(_free_port_pair()),
-           "--", sys.executable, str(Path(__file__).resolve()), str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, to kill on timeout
-    try:
-        log = proc.communicate(timeout=TIMEOUT_S)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"mlx.launch did not finish in {TIMEOUT_S} s:\n{proc.communicate()[0]}")
+    _, log = launch.run(launch.mlx_launch(WORLD, sys.executable, Path(__file__).resolve(), tmp_path), TIMEOUT_S)
     ranks = [tmp_path / f"rank{r}.npz" for r in range(WORLD)]
-    assert all(p.exists() for p in ranks), f"a rank wrote no result (rc {proc.returncode}):\n{log}"
+    assert all(p.exists() for p in ranks), f"a rank wrote no result:\n{log}"
     got = [dict(np.load(p)) for p in ranks]
     params, losses, counter = single_process()
 

@@ -9,8 +9,8 @@ routed to rank 0's experts (rank 1 computes nothing).  The halves of every batch
 differ (opposite mean shifts), so the expert fractions f_i and the total variance differ
 between ranks: a naive scheme (average the per-rank gradients of the per-rank losses) must then
 measurably miss the full-batch result, which shows the comparison can fail.  The bytes the
-collectives counted must equal `core.parallel.exchange_bytes`.  Then `switchsae train
---parallel data|expert` under torchrun against the same run on one process.
+collectives counted must equal `core.parallel.exchange_bytes`.  (`switchsae train --parallel`
+under torchrun: tests/test_parallel_cli.py.)
 
 Tolerances (float32): per-rank sums of 16 tokens instead of one of 32, and expert matmuls on
 other row groupings, reorder additions (~1e-7 relative); the updates (params - initial) must
@@ -19,15 +19,11 @@ to 1e-5 relative; x_hat of a checkpoint to 1e-5 x max |x_hat|; dead-latent count
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import array_api_compat.numpy as np_xp
+import launch
 import numpy as np
 import pytest
 import torch
@@ -44,8 +40,7 @@ from switchsae.core.dead_latents import update_tokens_since_fired
 from switchsae.core.spec import forward
 
 from switchsae import load
-from switchsae.checkpoint import list_checkpoints, read_checkpoint, write_checkpoint
-from switchsae.data import ShardWriter
+from switchsae.checkpoint import write_checkpoint
 
 WORLD, BATCH, STEPS, LR = 2, 32, 4, 1e-3
 TIMEOUT_S = 150
@@ -156,20 +151,10 @@ def single_process(shared: bool = False, collapsed: bool = False, top2: bool = F
     return train(TorchBackend("cpu"), cfg, params, batches, dead)
 
 
-def torchrun(*args, cwd=None, env=None) -> str:
-    """Run `torchrun --standalone --nproc-per-node 2 *args` (one CPU thread per process); -> its
-    output.  Fails the test on a timeout or a non-zero exit."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-           *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SWITCHSAE_DEVICE": "cpu", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                            env=env, start_new_session=True)  # its own process group, to kill on timeout
-    try:
-        log = proc.communicate(timeout=TIMEOUT_S)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{proc.communicate()[0]}")
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{log}"
+def torchrun(*args) -> str:
+    """Run `torchrun --standalone --nproc-per-node 2 *args`; -> its output (a non-zero exit fails)."""
+    rc, log = launch.run(launch.torchrun(WORLD, *args), TIMEOUT_S)
+    assert rc == 0, f"torchrun exited {rc}:\n{log}"
     return log
 
 
@@ -307,77 +292,6 @@ def test_comm_volume_tool_prints_the_model(capsys):
     assert comm_volume.main([]) == 0
     out = capsys.readouterr().out
     assert "all_to_all moves 12.5% of all_gather's bytes" in out and "360.01 MB" in out
-
-
-# -- the command line under torchrun ----------------------------------------------------------
-def _shards(path, n=768, d=16):
-    rng = np.random.default_rng(0)
-    x = (rng.exponential(1.0, size=(n, 48)) * (rng.random((n, 48)) < 0.1)) @ rng.normal(size=(48, d)) + 1.0
-    with ShardWriter(path, shard_tokens=256) as writer:
-        writer.append(x.astype(np.float32))
-    return path
-
-
-CLI = ["--backend", "torch", "--no-progress", "--latents", "64", "--experts", "4", "--k", "4",
-       "--steps", "6", "--batch-size", "64", "--lr", "3e-3", "--warmup", "1", "--eval-tokens", "256",
-       "--log-every", "2", "--checkpoint-every", "3", "--dead-tokens", "128", "--seed", "3"]
-
-
-def _final_params(run):
-    return read_checkpoint(list_checkpoints(run)[-1]).params
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_cli_under_torchrun_matches_one_process(tmp_path, monkeypatch):
-    """`switchsae train --parallel data` from scratch, and `--parallel expert` resuming the
-    one-process run's step-3 checkpoint (sliced when loading, gathered when saving), end where
-    the one-process run ends: same metrics lines, same weights, the same x_hat from the
-    checkpoints in one process.  Rank 0 alone reports and writes."""
-    from switchsae.cli import main
-
-    data = _shards(tmp_path / "shards")
-    monkeypatch.setenv("SWITCHSAE_DEVICE", "cpu")
-    assert main(["train", *CLI, "--data", str(data), "--out", str(tmp_path / "single")]) == 0
-    log = torchrun("-m", "switchsae", "train", "--parallel", "data", *CLI, "--data", data, "--out", tmp_path / "data")
-    assert log.count("checkpoint: ") == 1 and "data parallel, 2 processes" in log, log
-    resumed = tmp_path / "expert"
-    shutil.copytree(tmp_path / "single", resumed)
-    shutil.rmtree(list_checkpoints(resumed)[-1])  # back to step 3
-    torchrun("-m", "switchsae", "train", "--parallel", "expert", "--resume", resumed, "--no-progress")
-
-    single, x = _final_params(tmp_path / "single"), np.load(min(data.glob("*.npy")))[:128]
-    x_hat = load(tmp_path / "single", backend="torch").forward(x).x_hat.numpy()
-    bound = 1e-4 * 6 * 3e-3  # float32 step tolerance on updates of at most steps x lr
-    reference = _metrics(tmp_path / "single")
-    for run in ("data", "expert"):
-        got = _metrics(tmp_path / run)
-        assert [r["step"] for r in got] == [r["step"] for r in reference] == [2, 4, 6]
-        for mine, theirs in zip(got, reference):
-            for key in ("fvu", "l0", "dead_fraction", "expert_load", "loss_mse", "loss_lb", "loss_auxk"):
-                np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-4, atol=1e-6, err_msg=f"{run} {key}")
-        assert reference[-1]["loss_auxk"] > 0  # AuxK took part
-        for name, p in _final_params(tmp_path / run).items():
-            err = np.max(np.abs(p - single[name]))
-            assert err <= bound + 1e-4 * np.max(np.abs(single[name])), f"{run} {name}: {err:.3e}"
-        np.testing.assert_allclose(load(tmp_path / run, backend="torch").forward(x).x_hat.numpy(), x_hat,
-                                   rtol=0, atol=RTOL_XHAT * np.abs(x_hat).max(), err_msg=run)
-
-
-def test_parallel_outside_torchrun_says_how_to_launch(tmp_path, monkeypatch, capsys):
-    from switchsae.cli import main
-
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    data = _shards(tmp_path / "shards")
-    assert main(["train", "--parallel", "data", *CLI, "--data", str(data), "--out", str(tmp_path / "a")]) == 2
-    assert "launch with torchrun" in capsys.readouterr().err
-    args = [a if a != "torch" else "numpy" for a in CLI]
-    assert main(["train", "--parallel", "expert", *args, "--data", str(data), "--out", str(tmp_path / "b")]) == 2
-    assert "use --backend torch" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 if __name__ == "__main__":
