@@ -3,6 +3,7 @@
     python -m switchsae.bench                       # every installed backend, default grid
     python -m switchsae.bench --backends torch --dtype bfloat16 --out bench/results/h100
     python -m switchsae.bench --grid quick          # a one-minute smoke run
+    python -m switchsae.bench --backends torch --grid gpu --d-in 2304   # on a GPU: M up to 2^20
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from switchsae.files import atomic_write_json
 
 from .machine import describe
 from .plots import plot
-from .run import run_backend
+from .run import GRIDS, run_backend
 
 
 def main(argv=None) -> int:
@@ -26,9 +27,11 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--backends", default=",".join(installed_backends()),
                         help="comma-separated backends (default: every installed one)")
-    parser.add_argument("--grid", choices=("default", "quick"), default="default",
-                        help="default: d 768, M 24576, k 32, batch 8192 (the paper's) for torch/jax (smaller for numpy/mlx)")
+    parser.add_argument("--grid", choices=GRIDS, default="default",
+                        help="default: d 768, M 24576, k 32, batch 8192 (the paper's) for torch/jax (smaller for "
+                             "numpy/mlx); gpu: the same N sweep, the M sweep up to 2^20 and an 8192 matmul peak")
     parser.add_argument("--batch", type=int, help="batch of the full-size torch/jax grid (default 8192)")
+    parser.add_argument("--d-in", type=int, help="activation width of the grid (default 768; full-size grids keep M = 32 d)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="default: bfloat16 on CUDA, float32 elsewhere")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
@@ -48,8 +51,9 @@ def main(argv=None) -> int:
         if args.dtype and args.dtype not in backend.dtypes:
             print(f"[{backend.name}] has no {args.dtype}; skipped")
             continue
-        results.append(run_backend(backend, args.grid, args.dtype, args.repeats, batch=args.batch))
-    record = {"machine": describe(backends), "grid": args.grid, "batch": args.batch, "dtype": args.dtype,
+        results.append(run_backend(backend, args.grid, args.dtype, args.repeats, batch=args.batch, d_in=args.d_in))
+    record = {"machine": describe(backends), "grid": args.grid, "batch": args.batch, "d_in": args.d_in,
+              "dtype": args.dtype,
               "threads": args.threads,
               "seconds": time.perf_counter() - start, "results": results}
     path = atomic_write_json(os.path.join(args.out, "results.json"), record, indent=1)

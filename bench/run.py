@@ -27,29 +27,55 @@ SMALL_GRID_BACKENDS = {"numpy", "mlx"}
 # its batch (`timing.PAPER_BATCH`).
 
 
-def grid(name: str, backend_name: str, batch: int | None = None) -> dict:
+GRIDS = ("default", "quick", "gpu")
+# The bf16 matmul peak of a GPU needs a product that runs well past launch overhead and fills
+# every multiprocessor: 8192^3 (1.1 TFLOP, ~1.4 ms on an H100/H200).  CPUs reach theirs at 2048.
+GPU_PEAK_SIZE = 8192
+
+
+def grid(name: str, backend_name: str, batch: int | None = None, d_in: int | None = None) -> dict:
     """The configs to time: "speed" (N sweep at fixed width), "memory" (M sweep at fixed N).
-    batch: replaces the full-size grid's batch (the paper's 8192)."""
+    batch: replaces the full-size grids' batch (the paper's 8192).  d_in: replaces the width
+    (the full-size grids then keep a 32x dictionary, M = 32 d_in).  "gpu" is the full grid
+    with the memory sweep up to M = 2^20 and a GPU-sized matmul peak."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
     small = backend_name in SMALL_GRID_BACKENDS or name == "quick"
     if small:
-        base = dict(d_in=128, n_latents=4096, k=16, batch=1024)
+        base = dict(d_in=d_in or 128, n_latents=4096, k=16, batch=batch if name == "quick" and batch else 1024)
         return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16)],
                 "memory": [dict(base, n_experts=8, n_latents=M) for M in (1024, 4096)],
                 "naive": 16, "peak_size": 1024}
-    base = dict(d_in=768, n_latents=24576, k=32, batch=batch or PAPER_BATCH)
+    d = d_in or 768
+    base = dict(d_in=d, n_latents=32 * d, k=32, batch=batch or PAPER_BATCH)
+    sizes = (2**16, 2**18, 2**20) if name == "gpu" else (8 * d, 32 * d, 128 * d)
     return {"speed": [dict(base, n_experts=n) for n in (1, 8, 16, 32)],
-            "memory": [dict(base, n_experts=16, n_latents=M) for M in (6144, 24576, 98304)],
-            "naive": 16, "peak_size": 2048}
+            "memory": [dict(base, n_experts=16, n_latents=M) for M in sizes],
+            "naive": 16, "peak_size": GPU_PEAK_SIZE if name == "gpu" else 2048}
 
 
 def matmul_peak(backend, dtype: str, size: int, repeats: int = 5) -> dict:
     """FLOP/s of a (size, size) @ (size, size) product on this backend: the roofline ceiling."""
-    rng = np.random.default_rng(0)
-    a = backend.asarray(rng.normal(size=(size, size)), dtype)
-    b = backend.asarray(rng.normal(size=(size, size)), dtype)
+    a, b = _peak_operands(backend, dtype, size)
     matmul = backend.compile_forward(lambda a, b, _=None: a @ b)
     t = measure(lambda: matmul(a, b), backend, warmup=2, repeats=repeats)
     return {"size": size, "flop_per_s": 2 * size**3 / t["median_s"], **t}
+
+
+@functools.lru_cache(maxsize=2)
+def _peak_operands(backend, dtype: str, size: int):
+    """Two random normal (size, size) arrays: made once per backend, dtype and size, since the
+    peak is measured again after every config (at 8192 the NumPy draw alone takes seconds)."""
+    rng = np.random.default_rng(0)
+    return tuple(backend.asarray(rng.standard_normal((size, size), dtype=np.float32), dtype) for _ in range(2))
+
+
+def peak_size(backend, g: dict) -> int:
+    """The matmul size of the roofline ceiling: the grid's on a CPU, `GPU_PEAK_SIZE` on a GPU
+    or TPU (a 2048 product is launch-bound there and would flatter every fraction)."""
+    device = backend.device_name()
+    on_cpu = device.startswith("cpu") or " cpu" in device or device == "numpy"
+    return g["peak_size"] if on_cpu else max(g["peak_size"], GPU_PEAK_SIZE)
 
 
 def _model(backend, cfg, batch: int):
@@ -96,33 +122,36 @@ def naive_baseline(backend, cfg, batch: int, repeats: int) -> dict | None:
 
 
 def run_backend(backend, grid_name: str, dtype: str | None, repeats: int, log=print,
-                batch: int | None = None) -> dict:
-    """Every measurement for one backend (batch: see `grid`; dtype None: `default_dtype`).
+                batch: int | None = None, d_in: int | None = None) -> dict:
+    """Every measurement for one backend (batch, d_in: see `grid`; dtype None: `default_dtype`).
 
     The matmul peak is measured before the sweep and again after every config, and the roofline
     fractions use the largest of these: a machine whose speed drifts during the run (shared,
     thermally throttled) then cannot flatter a fraction."""
     dtype = dtype or default_dtype(backend)
-    g = grid(grid_name, backend.name, batch)
-    peaks = [matmul_peak(backend, dtype, g["peak_size"])]
-    log(f"[{backend.name}] matmul peak {peaks[0]['flop_per_s'] / 1e9:.1f} GFLOP/s ({dtype}, n={g['peak_size']})")
+    g = grid(grid_name, backend.name, batch, d_in)
+    size = peak_size(backend, g)
+    peaks = [matmul_peak(backend, dtype, size)]
+    log(f"[{backend.name}] matmul peak {peaks[0]['flop_per_s'] / 1e9:.1f} GFLOP/s ({dtype}, n={size})")
     speed, memory = [], []
     for sizes in g["speed"]:
         cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
         speed.append(time_config(backend, cfg, sizes["batch"], repeats))
-        peaks.append(matmul_peak(backend, dtype, g["peak_size"]))
+        peaks.append(matmul_peak(backend, dtype, size))
         log(_row(backend.name, speed[-1], peaks[-1]["flop_per_s"]))
-    peak = max(peaks, key=lambda p: p["flop_per_s"])
-    for rec in speed:
-        rec["train_step"]["roofline_fraction"] = rec["train_step"]["flop_per_s"] / peak["flop_per_s"]
-    log(f"[{backend.name}] roofline fractions against the largest peak measured, "
-        f"{peak['flop_per_s'] / 1e9:.1f} GFLOP/s: "
-        + ", ".join(f"N={r['n_experts']} {r['train_step']['roofline_fraction']:.0%}" for r in speed))
     for sizes in g["memory"]:
         cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
         rec = time_config(backend, cfg, sizes["batch"], max(1, repeats // 2))
         memory.append(rec)
-        log(_row(backend.name, rec))
+        peaks.append(matmul_peak(backend, dtype, size))
+        log(_row(backend.name, rec, peaks[-1]["flop_per_s"]))
+    peak = max(peaks, key=lambda p: p["flop_per_s"])
+    for rec in speed + memory:
+        rec["train_step"]["roofline_fraction"] = rec["train_step"]["flop_per_s"] / peak["flop_per_s"]
+    log(f"[{backend.name}] roofline fractions against the largest peak measured, "
+        f"{peak['flop_per_s'] / 1e9:.1f} GFLOP/s: "
+        + ", ".join(f"N={r['n_experts']} M={r['n_latents']} {r['train_step']['roofline_fraction']:.0%}"
+                    for r in speed + memory))
     by_n = {r["n_experts"]: r["train_step"]["tokens_per_s"] for r in speed}
     naive_sizes = next(s for s in g["speed"] if s["n_experts"] == g["naive"])
     naive_cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in naive_sizes.items() if k != "batch"})
@@ -132,7 +161,7 @@ def run_backend(backend, grid_name: str, dtype: str | None, repeats: int, log=pr
         speedups[f"N{g['naive']}_vs_naive_loop"] = by_n[g["naive"]] / naive["tokens_per_s"]
         log(f"[{backend.name}] naive loop N={g['naive']}: {naive['tokens_per_s']:.0f} tokens/s")
     return {"backend": backend.name, "device": backend.device_name(), "dtype": dtype,
-            "timer": timer_name(backend), "matmul_peak": peak,
+            "grid": grid_name, "timer": timer_name(backend), "matmul_peak": peak,
             "matmul_peaks_flop_per_s": [p["flop_per_s"] for p in peaks],
             "speed": speed, "memory": memory, "naive_loop": naive, "speedups": speedups}
 

@@ -34,6 +34,32 @@ def test_full_grid_takes_the_papers_batch_unless_told():
     assert {c["batch"] for c in bench_run.grid("default", "numpy", 4096)["speed"]} == {1024}  # small grid
 
 
+def test_gpu_grid_sweeps_experts_and_dictionary_size_at_any_width():
+    for d in (768, 2304):
+        g = bench_run.grid("gpu", "torch", d_in=d)
+        assert [(c["n_experts"], c["n_latents"], c["d_in"], c["k"]) for c in g["speed"]] == \
+            [(n, 32 * d, d, 32) for n in (1, 8, 16, 32)]
+        assert [c["n_latents"] for c in g["memory"]] == [2**16, 2**18, 2**20]
+        assert {c["batch"] for c in g["speed"] + g["memory"]} == {bench_run.PAPER_BATCH}
+    assert [c["n_latents"] for c in bench_run.grid("default", "torch")["memory"]] == [6144, 24576, 98304]
+    assert bench_run.grid("quick", "torch", 256, 32)["speed"][0]["batch"] == 256
+
+
+def test_a_gpu_measures_its_peak_on_a_gpu_sized_product():
+    """A 2048^3 product is launch-bound on an H100 (~20 us): its FLOP/s would understate the
+    peak and overstate every fraction, so accelerators measure at 8192."""
+
+    class Device:
+        def __init__(self, name):
+            self.device_name = lambda: name
+
+    g = bench_run.grid("default", "torch")
+    assert bench_run.peak_size(Device("cuda:0 (NVIDIA H200)"), g) == 8192
+    assert bench_run.peak_size(Device("jax gpu (NVIDIA H200)"), g) == 8192
+    assert bench_run.peak_size(Device("cpu"), g) == 2048
+    assert bench_run.peak_size(Device("jax cpu (cpu)"), g) == 2048
+
+
 def test_roofline_uses_the_largest_peak_measured_during_the_run(monkeypatch):
     """A machine that speeds up after the first peak measurement must not flatter a fraction:
     the fractions use the largest of the peaks measured before and after every config."""
@@ -44,7 +70,7 @@ def test_roofline_uses_the_largest_peak_measured_during_the_run(monkeypatch):
     def fake_peak(backend, dtype, size, repeats=5):
         return {"size": size, "flop_per_s": next(peaks)}
 
-    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None: tiny)
+    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None, d_in=None: tiny)
     monkeypatch.setattr(bench_run, "matmul_peak", fake_peak)
     res = bench_run.run_backend(load_backend("numpy"), "default", None, 1, log=lambda *_: None)
     assert res["matmul_peaks_flop_per_s"] == [1e9, 5e9, 2e9] and res["matmul_peak"]["flop_per_s"] == 5e9
@@ -76,7 +102,7 @@ def test_cli_writes_json_and_plots(tmp_path, monkeypatch):
     tiny = {"speed": [dict(d_in=16, n_latents=64, k=4, batch=64, n_experts=n) for n in (1, 4)],
             "memory": [dict(d_in=16, n_latents=M, k=4, batch=64, n_experts=4) for M in (32, 64)],
             "naive": 4, "peak_size": 64}
-    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None: tiny)
+    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None, d_in=None: tiny)
     monkeypatch.setattr("switchsae.bench.__main__.run_backend", bench_run.run_backend)
     assert bench_main(["--backends", "numpy", "--repeats", "1", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
