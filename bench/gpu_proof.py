@@ -84,7 +84,7 @@ def stages(py: str, out: Path, dry: bool, jax_gpu: bool) -> list[Stage]:
                                   *(["--tiny"] if dry else []), *extra]
 
     def bench(d_gpu: int, d_tiny: int) -> list[str]:
-        sizes = (["--grid", "quick", "--d-in", str(d_tiny), "--batch", "256", "--repeats", "1", "--dtype", "float32",
+        sizes = (["--grid", "quick", "--d-in", str(d_tiny), "--batch", "256", "--repeats", "1", "--dtype", "bfloat16",
                   "--threads", "1"] if dry else
                  ["--grid", "gpu", "--d-in", str(d_gpu), "--repeats", "3", "--dtype", "bfloat16"])
         return [py, "-m", "switchsae.bench", "--backends", "torch", *sizes, "--out", str(out / f"bench-d{d_gpu}")]

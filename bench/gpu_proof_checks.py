@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -48,7 +49,7 @@ TINY = dict(batch=32, d=200, n_latents=96, n_experts=4, k=4)
 ALLOC_PAPER = dict(batch=8192, d=768, n_latents=65536, n_experts=16, k=32)
 ALLOC_TINY = dict(batch=256, d=16, n_latents=512, n_experts=8, k=4)
 DP_PAPER = dict(d=768, latents=24576, experts=16, k=32, batch=8192, steps=40, dtype="bfloat16")
-DP_TINY = dict(d=16, latents=64, experts=4, k=4, batch=64, steps=8, dtype="float32")
+DP_TINY = dict(d=16, latents=64, experts=4, k=4, batch=64, steps=8, dtype="bfloat16")
 
 # Tolerances of Triton against the eager path (relative to the result's max |value|): float32,
 # both sum the same <= ~100 products in float32 in different orders (error ~1e-6 of the scale);
@@ -307,7 +308,7 @@ def allocation(args, out: Path) -> dict:
     from torch.utils._pytree import tree_flatten
 
     s = ALLOC_TINY if args.tiny else ALLOC_PAPER
-    dtype = "float32" if args.tiny else "bfloat16"
+    dtype = "bfloat16"  # what GPUs train in; the dry run takes the same path on CPU
     backend = TorchBackend(args.device)
     cfg = SwitchSAEConfig(d_in=s["d"], n_latents=s["n_latents"], n_experts=s["n_experts"], k=s["k"],
                           auxk_coef=1 / 32, k_aux=2 * s["k"], dtype=dtype)
@@ -366,9 +367,11 @@ def data_parallel(args, out: Path) -> dict:
 
     s = DP_TINY if args.tiny else DP_PAPER
     work = out / "data-parallel"
+    if work.exists():  # this check's own folder, from an earlier run
+        shutil.rmtree(work)
     shards, run = work / "shards", work / "run"
-    tokens = s["batch"] * (s["steps"] + 2)
-    bench = SyntheticBenchmark(d=s["d"], n_features=8 * s["d"], n_clusters=s["experts"], mean_active=8.0, seed=0)
+    tokens = s["batch"] * min(s["steps"] + 2, 8)  # at most 8 batches: the run goes over them in epochs
+    bench = SyntheticBenchmark(d=s["d"], n_features=4 * s["d"], n_clusters=s["experts"], mean_active=8.0, seed=0)
     with ShardWriter(shards, shard_tokens=max(tokens // 4, 1), overwrite=True) as writer:
         for i in range(0, tokens, 8192):
             writer.append(bench.batch(min(8192, tokens - i), i // 8192).x)

@@ -15,7 +15,8 @@ def _line_plot(path, series, xlabel, ylabel, title):
     for label, xs, ys in series:
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
@@ -30,7 +31,8 @@ def plot(record: dict, out_dir) -> list[str]:
     memory = [(f"{res['backend']} (N={res['memory'][0]['n_experts']}, "
                f"{res['memory'][0]['train_step']['memory_measure']})",
                [r["n_latents"] for r in res["memory"]],
-               [r["train_step"]["peak_memory_bytes"] / 2**20 for r in res["memory"]]) for res in record["results"]]
+               [r["train_step"]["peak_memory_bytes"] / 2**20 for r in res["memory"]])
+              for res in record["results"] if res["memory"]]  # none when every M ran out of memory
     return [
         _line_plot(f"{out_dir}/throughput.png", throughput, "experts N (fixed total width M)", "tokens / s",
                    "Switch SAE training throughput"),

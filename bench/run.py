@@ -139,9 +139,16 @@ def run_backend(backend, grid_name: str, dtype: str | None, repeats: int, log=pr
         speed.append(time_config(backend, cfg, sizes["batch"], repeats))
         peaks.append(matmul_peak(backend, dtype, size))
         log(_row(backend.name, speed[-1], peaks[-1]["flop_per_s"]))
+    out_of_memory = []
     for sizes in g["memory"]:
         cfg = SwitchSAEConfig(dtype=dtype, **{k: v for k, v in sizes.items() if k != "batch"})
-        rec = time_config(backend, cfg, sizes["batch"], max(1, repeats // 2))
+        try:
+            rec = time_config(backend, cfg, sizes["batch"], max(1, repeats // 2))
+        except _memory_errors(backend) as err:  # the largest M may not fit this device: say so, go on
+            out_of_memory.append({**sizes, "error": str(err).splitlines()[0][:300]})
+            log(f"[{backend.name}] N={cfg.n_experts} M={cfg.n_latents}: out of memory")
+            _release_memory(backend)
+            continue
         memory.append(rec)
         peaks.append(matmul_peak(backend, dtype, size))
         log(_row(backend.name, rec, peaks[-1]["flop_per_s"]))
@@ -163,7 +170,25 @@ def run_backend(backend, grid_name: str, dtype: str | None, repeats: int, log=pr
     return {"backend": backend.name, "device": backend.device_name(), "dtype": dtype,
             "grid": grid_name, "timer": timer_name(backend), "matmul_peak": peak,
             "matmul_peaks_flop_per_s": [p["flop_per_s"] for p in peaks],
-            "speed": speed, "memory": memory, "naive_loop": naive, "speedups": speedups}
+            "speed": speed, "memory": memory, "out_of_memory": out_of_memory, "naive_loop": naive,
+            "speedups": speedups}
+
+
+def _memory_errors(backend) -> tuple:
+    """The exceptions that mean "this config does not fit" on this backend."""
+    if backend.name.startswith("torch"):
+        import torch
+
+        return (MemoryError, torch.OutOfMemoryError)
+    return (MemoryError,)
+
+
+def _release_memory(backend) -> None:
+    """Hand a failed config's cached device memory back before the next one."""
+    if backend.name.startswith("torch") and backend.device_name().startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def default_dtype(backend) -> str:

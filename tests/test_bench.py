@@ -93,6 +93,27 @@ def test_cuda_runs_default_to_bfloat16_and_cuda_events():
     assert bench_run.default_dtype(cpu) == "float32" and timer_name(cpu) == "wall clock"
 
 
+def test_a_config_that_runs_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    """The memory sweep's largest M may not fit a device (M = 2^20 at d 2304 on an 80 GB GPU):
+    the record says so and keeps every other config."""
+    tiny = {"speed": [dict(d_in=16, n_latents=64, k=4, batch=64, n_experts=n) for n in (1, 4)],
+            "memory": [dict(d_in=16, n_latents=M, k=4, batch=64, n_experts=4) for M in (32, 64)],
+            "naive": 4, "peak_size": 32}
+    real = bench_run.time_config
+
+    def time_config(backend, cfg, batch, repeats):
+        if cfg.n_latents == 32:
+            raise MemoryError("Unable to allocate 19.3 GiB")
+        return real(backend, cfg, batch, repeats)
+
+    monkeypatch.setattr(bench_run, "grid", lambda name, backend, batch=None, d_in=None: tiny)
+    monkeypatch.setattr(bench_run, "time_config", time_config)
+    res = bench_run.run_backend(load_backend("numpy"), "default", None, 1, log=lambda *_: None)
+    assert [r["n_latents"] for r in res["memory"]] == [64] and len(res["speed"]) == 2
+    assert res["out_of_memory"] == [dict(tiny["memory"][0], error="Unable to allocate 19.3 GiB")]
+    assert plot({"results": [dict(res, memory=[])]}, tmp_path)  # nothing fitted: no memory series
+
+
 def test_matmul_peak_counts_2n3_flops():
     peak = bench_run.matmul_peak(load_backend("numpy"), "float32", 64, repeats=2)
     np.testing.assert_allclose(peak["flop_per_s"], 2 * 64**3 / peak["median_s"])
