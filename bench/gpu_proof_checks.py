@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -57,6 +55,9 @@ DP_TINY = dict(d=16, latents=64, experts=4, k=4, batch=64, steps=8, dtype="bfloa
 # ulp, 2**-7 of the scale.
 TRITON_RTOL = {"float32": 1e-5, "bfloat16": 2**-7}
 DP_TIMEOUT_S = 300
+# ATen ops whose output size or value the host needs (a GPU stream drains for each): counted per
+# train step, as a lead for where a GPU step waits.
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
 
 
 def main(argv=None) -> int:
@@ -86,9 +87,10 @@ def main(argv=None) -> int:
 def environment(args, out: Path) -> dict:
     import torch
 
-    rec = {"python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-           "cuda_available": torch.cuda.is_available(), "versions": _versions()}
+    from .machine import describe
+
+    rec = {"machine": describe(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         rec.update(device_name=p.name, capability=f"sm_{p.major}{p.minor}", multiprocessors=p.multi_processor_count,
@@ -107,16 +109,6 @@ def environment(args, out: Path) -> dict:
     rec["summary"] = (f"{rec.get('device_name', 'no CUDA device')}, torch {rec['torch']} (CUDA {rec['torch_cuda']}), "
                       f"triton {rec['triton']}, jax: {rec['jax'].get('platforms') or rec['jax'].get('error')}")
     return rec
-
-
-def _versions() -> dict:
-    found = {}
-    for package in ("numpy", "torch", "triton", "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def _nvidia_smi() -> str | None:
@@ -318,10 +310,14 @@ def allocation(args, out: Path) -> dict:
     dead = backend.asarray(rng.random(cfg.total_latents) < 0.5)
     opt = adam_init(params, backend.xp)
     sizes: dict[tuple, int] = {}
+    syncs: dict[str, int] = {}  # ops whose result the host must wait for on a GPU
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in HOST_SYNC_OPS:
+                syncs[name] = syncs.get(name, 0) + 1
             for t in tree_flatten(result)[0]:
                 if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                     sizes[tuple(t.shape)] = t.numel()
@@ -343,7 +339,7 @@ def allocation(args, out: Path) -> dict:
     itemsize = 2 if dtype == "bfloat16" else 4
     rec = {"device": backend.device_name(), "dtype": dtype, "sizes": s, "limit_elements": limit,
            "recorded_shapes": len(sizes), "largest": list(largest), "too_big": [list(t) for t in too_big],
-           "saw_expert_activations": expert_acts in sizes,
+           "saw_expert_activations": expert_acts in sizes, "host_syncs": syncs,
            "dense_activation_bytes": s["batch"] * cfg.n_latents * itemsize}
     if on_cuda:
         rec["step_peak_bytes"] = torch.cuda.max_memory_allocated() - before
@@ -352,6 +348,7 @@ def allocation(args, out: Path) -> dict:
                       + (f" (dense (batch, M) would be {tuple((s['batch'], cfg.n_latents))})" if not too_big
                          else f"; TOO BIG: {too_big[:3]}")
                       + ("" if rec["saw_expert_activations"] else "; the recorder missed (batch, m)")
+                      + f"; {sum(syncs.values())} host syncs"
                       + (f"; step peak {rec['step_peak_bytes'] / 2**20:.0f} MiB vs "
                          f"{rec['dense_activation_bytes'] / 2**20:.0f} MiB for one (batch, M)" if on_cuda else ""))
     return rec
