@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -358,14 +359,21 @@ def allocation(args, out: Path) -> dict:
 
 def data_parallel(args, out: Path) -> dict:
     """Synthetic shards, then `torchrun --nproc-per-node 1 -m switchsae train --parallel data`."""
+    s = DP_TINY if args.tiny else DP_PAPER
+    kept = out / "data-parallel"  # the run's metrics, report, plot and log (not its shards or checkpoints)
+    if kept.exists():  # this check's own folder, from an earlier run
+        shutil.rmtree(kept)
+    kept.mkdir()
+    with tempfile.TemporaryDirectory(prefix="switchsae-dp-") as work:
+        rec = _data_parallel_run(args, s, Path(work), kept)
+    return rec
+
+
+def _data_parallel_run(args, s: dict, work: Path, kept: Path) -> dict:
     from switchsae.checkpoint import list_checkpoints, read_checkpoint
     from switchsae.data import ShardWriter
     from switchsae.evaluation.synthetic import SyntheticBenchmark
 
-    s = DP_TINY if args.tiny else DP_PAPER
-    work = out / "data-parallel"
-    if work.exists():  # this check's own folder, from an earlier run
-        shutil.rmtree(work)
     shards, run = work / "shards", work / "run"
     tokens = s["batch"] * min(s["steps"] + 2, 8)  # at most 8 batches: the run goes over them in epochs
     bench = SyntheticBenchmark(d=s["d"], n_features=4 * s["d"], n_clusters=s["experts"], mean_active=8.0, seed=0)
@@ -387,7 +395,10 @@ def data_parallel(args, out: Path) -> dict:
         log, exit_code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as err:
         log, exit_code = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {DP_TIMEOUT_S} s", -1
-    (work / "torchrun.log").write_text(log if isinstance(log, str) else log.decode(errors="replace"))
+    (kept / "torchrun.log").write_text(log if isinstance(log, str) else log.decode(errors="replace"))
+    for name in ("metrics.jsonl", "report.txt", "curves.png", "eval.json"):
+        if (run / name).exists():
+            shutil.copy(run / name, kept / name)
     print(log[-4000:])
     rec = {"command": " ".join(cmd[1:]).replace(sys.executable, "python"), "sizes": s, "exit_code": exit_code,
            "data_parallel_line": "data parallel, 1 process" in log,

@@ -16,7 +16,7 @@ import pytest
 from switchsae.bench import gpu_proof
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 900  # the dry run takes ~1 min of CPU; a loaded 2-core machine stretches the wall clock
+TIMEOUT_S = 2100  # a hang guard only: the dry run is ~1 min of CPU and stops itself after 4 x 480 s
 STAGES = ["environment", "conformance-torch", "triton", "allocation", "bench-d768", "data-parallel",
           "scale-sweep", "bench-d2304", "conformance-jax"]
 
@@ -96,9 +96,18 @@ def test_results_go_to_out_as_one_archive(tmp_path, monkeypatch):
     assert sorted(p.name for p in dest.iterdir()) == ["gpu-proof-results.tar.gz", "summary.json", "summary.md"]
 
 
+def test_the_sweep_line_names_each_optimiser_at_its_largest_size():
+    row = lambda log2_m, opt, tps: {"log2_m": log2_m, "optimizer": opt, "tokens_per_s": tps,
+                                    "peak_memory_bytes": 3 * 2**30, "peak_over_fp32_params": 1.5}
+    line = gpu_proof.sweep_summary({"sizes": [row(20, "lazy_adam", 5e4), row(14, "lazy_adam", 9e4),
+                                              row(14, "adam", 8e4)]})
+    assert line == ("lazy_adam M 2^20: 50,000 tokens/s, peak 3.0 GiB (1.50x fp32 params); "
+                    "adam M 2^14: 80,000 tokens/s, peak 3.0 GiB (1.50x fp32 params)")
+
+
 def test_a_folder_that_is_not_a_proofs_is_never_cleared(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="not a GPU proof's"):
+    with pytest.raises(gpu_proof.ProofError, match="not a GPU proof's"):
         gpu_proof.prepare_out(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert gpu_proof.slug("NVIDIA H200") == "nvidia-h200" and gpu_proof.slug("NVIDIA H100 80GB HBM3") == \
