@@ -358,11 +358,11 @@ def summarise(out: Path, results: list[dict], header: dict, dry: bool) -> tuple[
                   "|---|---|---|---|---|---|---|---|"]
         for t in steps:
             lines.append(f"| {t['d']} | {t['N']} | {t['M']} | {t['tokens_per_s']:,.0f} | {t['ms']:.2f} "
-                         f"({t['ms_min']:.2f}-{t['ms_max']:.2f}) | {t['tflop_per_s']:.1f} | {t['fraction']:.1%} | "
+                         f"({t['ms_min']:.2f}-{t['ms_max']:.2f}) | {t['tflop_per_s']:.3g} | {t['fraction']:.1%} | "
                          f"{t['peak_mib']:,.0f} |")
         for t in table:
             if "speedups" in t:
-                lines.append(f"d {t['d']}: matmul peak {t['matmul_peak_tflop_per_s']:.1f} TFLOP/s; "
+                lines.append(f"d {t['d']}: matmul peak {t['matmul_peak_tflop_per_s']:.3g} TFLOP/s; "
                              + ", ".join(f"{k} {v:.2f}x" for k, v in t["speedups"].items()))
     failed = [r["name"] for r in results if r["status"] not in ("ok", "absent", "skipped")]
     lines += ["", "ALL STAGES PASSED" if not failed else f"FAILED: {', '.join(failed)}"]
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
             rec = _read(out / stage.result) if stage.result else None
             if stage.name.startswith("bench-") and rec:
                 entry["rows"] = bench_rows(rec)
-                entry["summary"] = f"matmul peak {entry['rows'][-1]['matmul_peak_tflop_per_s']:.1f} TFLOP/s"
+                entry["summary"] = f"matmul peak {entry['rows'][-1]['matmul_peak_tflop_per_s']:.3g} TFLOP/s"
             elif stage.name == "scale-sweep" and rec:
                 entry["summary"] = sweep_summary(rec)
             elif rec and "summary" in rec:

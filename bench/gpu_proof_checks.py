@@ -226,7 +226,7 @@ def triton_check(args, out: Path) -> dict:
     speed = [f"{n.split()[0]} {e['speedup_vs_eager']:.1f}x" for n, e in rec["checks"].items()
              if "speedup_vs_eager" in e and n.endswith("bfloat16")]
     rec["summary"] = (f"{len(rec['checks']) - len(bad)}/{len(rec['checks'])} match eager"
-                      f" (worst {worst[0]}: {worst[1]['max_error_rel']:.1e} of {worst[1]['tolerance_rel']:.0e})"
+                      f" (worst {worst[0]}: {worst[1]['max_error_rel']:.1e} of {worst[1]['tolerance_rel']:.1e})"
                       + (f"; bf16 vs eager: {', '.join(speed)}" if speed else "")
                       + ("" if rec["passed"] or not on_gpu or rec["cuda_tensors_take_triton"]
                          else "; CUDA tensors do NOT take the Triton kernels"))
