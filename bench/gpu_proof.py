@@ -398,6 +398,21 @@ def export(out: Path, dest: Path) -> None:
             shutil.copy(out / name, dest / name)
 
 
+def _read_result(name: str, rec: dict | None, entry: dict, header: dict) -> None:
+    """Put what a stage's result file says into its summary entry (and the header)."""
+    if rec is None:
+        return
+    if name.startswith("bench-"):
+        entry["rows"] = bench_rows(rec)
+        entry["summary"] = f"matmul peak {entry['rows'][-1]['matmul_peak_tflop_per_s']:.3g} TFLOP/s"
+    elif name == "scale-sweep":
+        entry["summary"] = sweep_summary(rec)
+    elif "summary" in rec:
+        entry["summary"] = rec["summary"]
+    if name == "environment":
+        header["env"] = rec["summary"]
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -483,15 +498,10 @@ def main(argv=None) -> int:
             status, took = run_command(stage.command, limit, logs / f"{stage.name}.log", {**env, **stage.env})
             entry.update(status=status, seconds=round(took, 1))
             rec = _read(out / stage.result) if stage.result else None
-            if stage.name.startswith("bench-") and rec:
-                entry["rows"] = bench_rows(rec)
-                entry["summary"] = f"matmul peak {entry['rows'][-1]['matmul_peak_tflop_per_s']:.3g} TFLOP/s"
-            elif stage.name == "scale-sweep" and rec:
-                entry["summary"] = sweep_summary(rec)
-            elif rec and "summary" in rec:
-                entry["summary"] = rec["summary"]
-            if stage.name == "environment" and rec:
-                header["env"] = rec["summary"]
+            try:
+                _read_result(stage.name, rec, entry, header)
+            except (KeyError, IndexError, TypeError, ValueError) as err:  # a summary bug must not end the run
+                entry["summary"] = f"could not read {stage.result}: {err!r}"
             if status != "ok":
                 entry["summary"] = (entry.get("summary", "") + f" (see logs/{stage.name}.log)").strip()
         results.append(entry)
