@@ -34,6 +34,7 @@ where = mx.where
 max = mx.max  # noqa: A001
 mean = mx.mean
 sum = mx.sum  # noqa: A001
+any = mx.any  # noqa: A001
 
 
 def astype(x, dtype, /, *, copy: bool = True, device=None):
