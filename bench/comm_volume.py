@@ -104,6 +104,11 @@ def _scale_worker(rank: int, world: int, port: int, log2_m: int, result_path: st
 
 def check_scale(log2_m: int) -> list:
     """Run `_scale_worker` on 2 gloo processes; -> each rank's report."""
+    return _spawn(_scale_worker, log2_m)
+
+
+def _spawn(worker, arg):
+    """worker(rank, 2, port, arg, result_path) on 2 local processes; -> what rank 0 wrote there."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -113,7 +118,7 @@ def check_scale(log2_m: int) -> list:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "report.json")
-        mp.spawn(_scale_worker, args=(2, port, log2_m, path), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, port, arg, path), nprocs=2, join=True)
         with open(path) as f:
             return json.load(f)
 
@@ -190,18 +195,7 @@ def _worker(rank: int, world: int, port: int, args, result_path: str) -> None:
 
 def measure(args) -> dict:
     """Spawn 2 gloo processes, train `steps` steps with each exchange; -> the report."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "report.json")
-        mp.spawn(_worker, args=(2, port, args, path), nprocs=2, join=True)
-        with open(path) as f:
-            return json.load(f)
+    return _spawn(_worker, args)
 
 
 def _mb(b) -> str:
