@@ -10,8 +10,9 @@ from switchsae.core.topk import topk_reference
 
 
 def test_topk_breaks_ties_like_the_spec(backend):
-    """Largest first, the lower index first on ties, exactly, on post-ReLU rows: tie-heavy (small integers,
-    zeros, all-zero rows), narrow ones and rows >= 16 k wide (torch's bounded CPU path)."""
+    """Largest first, the lower index first on ties, exactly, on post-ReLU rows: tie-heavy
+    (small integers, zeros, all-zero rows), narrow ones and rows >= 16 k wide (torch's bounded
+    CPU path)."""
     rng = np.random.default_rng(4)
     for trial in range(60):
         k = int(rng.integers(1, 6))

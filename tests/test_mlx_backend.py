@@ -251,7 +251,7 @@ def test_mlx_safetensors_checkpoint_loads_in_numpy(tmp_path):
 
 # -- data parallel on one process -------------------------------------------------------------
 
-def test_data_parallel_step_on_a_single_process_is_the_plain_step():
+def test_data_parallel_backend_on_a_single_process_is_the_plain_backend():
     c = build("auxk")
     params, x, dead = H.native(be, c, "float32")
     dp_backend = DataParallelBackend()
