@@ -8,6 +8,9 @@ For x: (batch, d), with m = M / N latents per expert and e = experts_per_token (
   4. x_hat = sum top_values * W_dec[ids] (+ the shared expert's own TopK decode) + b_pre
 Loss = mse + lb_coef * N * sum_i f_i P_i (+ auxk_coef * AuxK when a dead mask is given).
 With e = 1 the gate is a positive scalar per token, so step 3 is TopK of a_j scaled by p[e].
+Steps 2-4's per-expert work (`run_experts`) runs through the backend's `dispatch` hook, and
+f_i and AuxK's total variance come from `backend.batch_statistics()`: a backend that splits the
+batch or the experts over processes supplies those and nothing else (see `trace`).
 """
 
 from __future__ import annotations
