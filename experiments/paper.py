@@ -34,7 +34,8 @@ import numpy as np
 from switchsae.core import metrics
 from switchsae.core.config import SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
-from switchsae.files import atomic_write, atomic_write_bytes, atomic_write_json
+from switchsae.files import atomic_write_bytes, atomic_write_json
+from switchsae.plots import pyplot, save_png
 
 FULL = dict(width=768, k=16, experts=(4, 8, 16), steps=250, batch_size=1024, max_texts=None,
             fidelity_texts=64)
@@ -157,10 +158,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """The four figures; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     styles = {"dense": ("k", "s"), "flop-matched": ("tab:blue", "o"), "width-matched": ("tab:orange", "^")}
     paths = []
@@ -178,7 +176,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set(xlabel=x_label, ylabel="FVU (held-out)", title=f"FVU vs {x_label}")
         ax.legend()
-        paths.append(_save(fig, out / fname))
+        paths.append(save_png(fig, out / fname))
 
     switch = [r for r in rows if r["n_experts"] > 1]
     ns = sorted({r["n_experts"] for r in switch})
@@ -194,7 +192,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     ax.set(ylabel="fraction of latents", title="latents duplicated in another expert (cos > 0.9)")
     ax.set_ylim(bottom=0)
     ax.legend()
-    paths.append(_save(fig, out / "duplication.png"))
+    paths.append(save_png(fig, out / "duplication.png"))
 
     fig, axes = plt.subplots(1, len(switch), figsize=(2.6 * len(switch), 2.8), squeeze=False)
     for ax, r in zip(axes[0], switch):
@@ -204,17 +202,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_title(f"{r['family']}\nN={r['n_experts']}", fontsize=8)
         ax.set_xticks([])
     axes[0][0].set_ylabel("fraction of tokens (sorted)")
-    paths.append(_save(fig, out / "expert_load.png"))
+    paths.append(save_png(fig, out / "expert_load.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 def add_common_args(p: argparse.ArgumentParser, full: dict, quick: dict, out: str,
