@@ -103,6 +103,13 @@ def _check_arrays(arrays: dict, shapes: dict, what: str, where: str = "refusing 
             raise CheckpointError(f"{where}: {what} {name} holds NaN or inf")
 
 
+def _in_config_order(arrays: dict, shapes: dict) -> dict:
+    """`arrays` keyed in the config's parameter order (safetensors stores names sorted): sums
+    over parameters, such as the global gradient norm, then add in the order of a live run, which
+    is what makes a resumed run exact."""
+    return {name: arrays[name] for name in shapes}
+
+
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode()
 
@@ -195,6 +202,7 @@ def read_checkpoint(path, *, training_state: bool = True) -> Checkpoint:
     shapes = cfg.param_shapes()
     params, _ = read_safetensors(path / WEIGHTS_FILE)
     _check_arrays(params, shapes, "parameter", str(path / WEIGHTS_FILE))
+    params = _in_config_order(params, shapes)
     ckpt = Checkpoint(path, cfg, params)
     if training_state and (path / OPTIMIZER_FILE).is_file():
         moments, meta = read_safetensors(path / OPTIMIZER_FILE)
@@ -202,6 +210,7 @@ def read_checkpoint(path, *, training_state: bool = True) -> Checkpoint:
         for kind in ("m", "v"):
             opt[kind] = {k[len(kind) + 1:]: a for k, a in moments.items() if k.startswith(kind + ".")}
             _check_arrays(opt[kind], shapes, f"Adam {kind}", str(path / OPTIMIZER_FILE))
+            opt[kind] = _in_config_order(opt[kind], shapes)
         ckpt.optimizer = opt
     if training_state and (path / STATE_FILE).is_file():
         ckpt.trainer_state = _read_json(path / STATE_FILE)
