@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from switchsae.validation import check_model_dir, read_utf8
+
 from .sources import MANIFEST_NAME, ActivationSource, ArraySource, DataError, ShardSource, ShardWriter
 
 __all__ = ["DEFAULT_LAYER", "default_model_path", "default_texts", "read_texts", "harvest",
@@ -82,7 +84,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_utf8(path, DataError)
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -102,9 +104,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 def load_model(model_path=None, device: str = "cpu"):
     """(tokenizer, model) loaded offline from a local directory (default MiniLM-L6), in eval
     mode on ``device``; the tokenizer pads on the right."""
-    path = Path(default_model_path() if model_path is None else model_path)
-    if not (path / "config.json").is_file():
-        raise DataError(f"model_path {path} is not a local transformers model directory (no config.json)")
+    path = check_model_dir(default_model_path() if model_path is None else model_path, DataError)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
