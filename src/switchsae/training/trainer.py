@@ -132,8 +132,8 @@ class Trainer:
         self.step, self.elapsed = state["step"], float(state["elapsed"])
         self.scale = float(state["activation_scale"])
 
-        def native(arrays):  # whole NumPy arrays -> this process's part, on the backend
-            return self._local({k: be.asarray(v, dtype) for k, v in arrays.items()})
+        def native(arrays):  # whole NumPy arrays -> this process's part, on the backend, laid out as live
+            return be.training_layout(self._local({k: be.asarray(v, dtype) for k, v in arrays.items()}))
 
         self.params = native(unfold_scale(ckpt.params, self.scale))
         opt = ckpt.optimizer
@@ -158,7 +158,8 @@ class Trainer:
         params = init_params(self.cfg, self.tc.seed)
         median = geometric_median(scaled.astype(np.float64), np_xp)
         params["b_pre"], params["b_router"] = median, median.copy()
-        self.params = self._local(SwitchSAE.from_params(self.cfg, params, self.backend).params)
+        self.params = self.backend.training_layout(
+            self._local(SwitchSAE.from_params(self.cfg, params, self.backend).params))
         self.opt_state = adam_init(self.params, self.backend.xp)
         self.counter = self.backend.asarray(np.zeros(self.cfg.total_latents, dtype=np.float32))
         return scaled
@@ -190,6 +191,7 @@ class Trainer:
                 x_np = pending if pending is not None else self._checked_batch() * self.scale
                 pending = None
                 x, lr, out = self._update(step_fn, x_np)
+                crash_point("trainer:step")
                 window[1] += x_np.shape[0]
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
@@ -244,6 +246,7 @@ class Trainer:
         restored step (what a killed run wrote after it is dropped)."""
         if self.out_dir is None or not self.is_main:
             return None
+        self._prune()  # a run killed before it pruned
         return MetricsLog(self.out_dir / METRICS_FILE, self.step or None, self._history_from)
 
     def _checked_batch(self, whole: bool = False) -> np.ndarray:
@@ -305,9 +308,13 @@ class Trainer:
                                  optimizer=optimizer, trainer_state=state, overwrite=True)
         self.last_checkpoint = path
         crash_point("trainer:checkpoint_written")
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        """Remove all but the newest `keep_checkpoints` checkpoints (never one half-removed)."""
         for old in ckpt_io.list_checkpoints(self.out_dir)[:-self.tc.keep_checkpoints]:
             remove_dir(old)
-        return path
 
     def _numpy(self, arrays: dict) -> dict | None:
         """NumPy copies (a backend may share memory with arrays it later updates in place) of
