@@ -270,3 +270,12 @@ def test_trainer_refuses_zero_activations_with_a_data_error():
     source = ArraySource(np.zeros((200, 8), np.float32), 50)
     with pytest.raises(switchsae.data.DataError, match="constant"):
         Trainer(CFG, TrainConfig(steps=2, batch_size=50), source, "numpy", progress=False).run()
+
+
+@pytest.mark.parametrize("limits", [dict(max_tokens=0), dict(max_tokens=-1), dict(max_texts=0), dict(max_tokens="9")])
+def test_harvest_limits_below_one_are_refused_before_anything_is_written(tmp_path, limits):
+    from switchsae.data import DataError, cache_activations
+
+    with pytest.raises(DataError, match="must be an integer >= 1"):
+        cache_activations(None, ["some text"], 3, tmp_path / "acts", progress=False, **limits)
+    assert not (tmp_path / "acts").exists()
