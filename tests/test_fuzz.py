@@ -147,11 +147,11 @@ def _resume_only(args) -> int:
     """What `switchsae train --resume` does before its first step (the steps, evaluation and
     report that follow a valid state are tested elsewhere, and would make this slow)."""
     from switchsae.cli import _resume_state
-    from switchsae.training import DataSpec, Trainer, build_sources
+    from switchsae.training import DataSpec, TrainConfig, Trainer, build_sources
 
     state = _resume_state(args)
-    spec, tc = DataSpec.from_dict(state["data_spec"]), state["train_config"]
-    source, _, _ = build_sources(spec, tc["batch_size"], tc["seed"], progress=False)
+    spec, tc = DataSpec.from_dict(state["data_spec"]), TrainConfig.from_dict(state["train_config"])
+    source, _, _ = build_sources(spec, tc.batch_size, tc.seed, progress=False)
     Trainer.resume(args.resume, source, "numpy", progress=False)
     return 0
 

@@ -180,6 +180,7 @@ def _edit_state(ckpt, edit) -> None:
     (lambda s: s.update(tokens_since_fired=["a"] * 96), "tokens_since_fired must be a finite number"),
     (lambda s: s["train_config"].update(lr="1"), "lr must be a finite number > 0, got '1'"),
     (lambda s: s.update(train_config=[4]), "a train config must be a JSON object"),
+    (lambda s: s["train_config"].pop("batch_size"), "train_config lacks ['batch_size']"),
     (lambda s: s.update(data_state=None), "data_state must be an object"),
     (lambda s: s.update(data_spec={"shards": 3}), "data spec shards must be a path string"),
 ])

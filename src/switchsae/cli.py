@@ -201,7 +201,7 @@ def cmd_train(args) -> int:
 
 def _train(args, backend, state: dict | None = None) -> int:
     """Train on `backend`; state: the checkpoint's trainer state when resuming (read here if None)."""
-    from switchsae.training import DataSpec, Trainer, build_sources
+    from switchsae.training import DataSpec, TrainConfig, Trainer, build_sources
 
     main = backend.rank == 0  # parallel: rank 0 alone prints and writes
     progress = not args.no_progress and main
@@ -218,10 +218,10 @@ def _train(args, backend, state: dict | None = None) -> int:
     if args.resume:
         state = state or _resume_state(args)
         spec = DataSpec.from_dict(state["data_spec"])
-        tc = state["train_config"]
+        tc = TrainConfig.from_dict(state["train_config"])  # checked by _resume_state
         if args.out:
             check_new_run_dir(args.out)
-        train_src, eval_src, eval_label = sources(spec, tc["batch_size"], tc["seed"])
+        train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
         trainer = Trainer.resume(args.resume, train_src, backend, out_dir=args.out, progress=progress)
     else:
         spec, cfg, tc = _new_run(args, backend)

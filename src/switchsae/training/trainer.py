@@ -373,6 +373,9 @@ def read_resumable(path) -> tuple:
             f"missing {sorted(needed - set(state))})")
     try:
         tc = TrainConfig.from_dict(state["train_config"])
+        unset = sorted(set(tc.to_dict()) - set(state["train_config"]))
+        if unset:  # a default would silently change the run
+            raise ConfigError(f"train_config lacks {unset}")
         check_int("step", state["step"], 0)
         check_number("elapsed", state["elapsed"], 0.0)
         scale = check_number("activation_scale", state["activation_scale"], 0.0, above=True)
