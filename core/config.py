@@ -14,7 +14,25 @@ ROUTER_SCALES = ("soft", "hard")
 
 
 class ConfigError(ValueError):
-    """A `SwitchSAEConfig` field is out of range or unknown."""
+    """A `SwitchSAEConfig` field is out of range, of the wrong type, or unknown."""
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """value, if it is an integer (not a bool) >= minimum; else ConfigError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, minimum: float, *, above: bool = False) -> float:
+    """value as a float, if it is a finite real number (not a bool or a string) >= minimum
+    (> minimum when `above`); else ConfigError naming `name`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (above and value == minimum):
+        bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -56,17 +74,18 @@ class SwitchSAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_in", "n_latents", "n_experts", "k", "dead_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.n_latents % self.n_experts:
             raise ConfigError(
                 f"n_latents ({self.n_latents}) must be divisible by n_experts ({self.n_experts})"
             )
         for name in ("experts_per_token", "shared_latents", "shared_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+            check_int(name, getattr(self, name), 0)
+        for name in ("encoder_bias",):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {self.extra!r}")
         if not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(
                 f"experts_per_token ({self.experts_per_token}) must be in 1..n_experts ({self.n_experts})"
@@ -88,12 +107,11 @@ class SwitchSAEConfig:
             raise ConfigError(f"router_scale must be one of {ROUTER_SCALES}, got {self.router_scale!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("lb_coef", "auxk_coef"):
-            value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value < 0):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
-            raise ConfigError(f"k_aux must be a positive integer, got {self.k_aux!r}")
+        if self.lb_coef is not None:
+            check_number("lb_coef", self.lb_coef, 0.0)
+        check_number("auxk_coef", self.auxk_coef, 0.0)
+        if self.k_aux is not None:
+            check_int("k_aux", self.k_aux, 1)
 
     @property
     def expert_width(self) -> int:
@@ -154,10 +172,15 @@ class SwitchSAEConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "SwitchSAEConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object / dict, got {type(data).__name__}")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as e:  # a required field missing
+            raise ConfigError(str(e)) from e
 
     def replace(self, **changes) -> "SwitchSAEConfig":
         return dataclasses.replace(self, **changes)

@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from switchsae.validation import check_model_dir, read_utf8
+
 from .sources import MANIFEST_NAME, ActivationSource, ArraySource, DataError, ShardSource, ShardWriter
 
 __all__ = ["DEFAULT_LAYER", "default_model_path", "default_texts", "read_texts", "harvest",
@@ -82,7 +84,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_utf8(path, DataError)
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -102,9 +104,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 def load_model(model_path=None, device: str = "cpu"):
     """(tokenizer, model) loaded offline from a local directory (default MiniLM-L6), in eval
     mode on ``device``; the tokenizer pads on the right."""
-    path = Path(default_model_path() if model_path is None else model_path)
-    if not (path / "config.json").is_file():
-        raise DataError(f"model_path {path} is not a local transformers model directory (no config.json)")
+    path = check_model_dir(default_model_path() if model_path is None else model_path, DataError)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -116,13 +116,18 @@ def load_model(model_path=None, device: str = "cpu"):
     return tok, model
 
 
-def _check_texts(texts) -> list[str]:
+def _check_texts(texts, max_texts=None, max_tokens=None) -> list[str]:
+    """The texts (default: Python's docs) as a list, the first max_texts of them; DataError for
+    anything else, or for limits that are not integers >= 1 (None: no limit)."""
+    for name, value in (("max_texts", max_texts), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{name} must be an integer >= 1 (or None: all), got {value!r}")
     texts = default_texts() if texts is None else texts
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise DataError("texts must be a sequence of strings")
     if len(texts) == 0:
         raise DataError("texts is empty")
-    return list(texts)
+    return list(texts)[:max_texts]
 
 
 def transformer_blocks(model):
@@ -178,7 +183,7 @@ def harvest(model_path: str | os.PathLike | None = None, texts: Sequence[str] | 
     (less padding, ~1.7x faster on the default texts; rows no longer in text order).
     ``early_exit``: skip the blocks after ``layer`` (same values, faster).
     """
-    texts = _check_texts(texts)[:max_texts]
+    texts = _check_texts(texts, max_texts, max_tokens)
     if batch_size < 1 or max_length < 2:
         raise DataError(f"need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
     tok, model = load_model(model_path, device)
@@ -240,7 +245,7 @@ def cache_activations(model_path: str | os.PathLike | None, texts: Sequence[str]
     ``metadata`` a fingerprint (model path, layer, max_length, sha256 of the texts, ...).
     Texts are batched by length (``sort_by_length``) since row order does not matter here.
     """
-    texts = _check_texts(texts)[:max_texts]
+    texts = _check_texts(texts, max_texts, max_tokens)
     meta = _fingerprint(model_path, texts, layer, max_length, max_tokens, skip_special_tokens)
     with ShardWriter(out_dir, shard_tokens=shard_tokens, metadata=meta, format=format,
                      dtype=np.float32, overwrite=overwrite) as w:
@@ -266,7 +271,7 @@ class HarvestSource(ActivationSource):
                  max_length: int = 128, max_texts: int | None = None, max_tokens: int | None = None,
                  skip_special_tokens: bool = False, device: str = "cpu", progress: bool = True,
                  shuffle: bool = True, shuffle_buffer: int = 65536, format: str = "npy"):
-        texts = _check_texts(texts)[:max_texts]
+        texts = _check_texts(texts, max_texts, max_tokens)
         kw = dict(batch_size=harvest_batch_size, max_length=max_length, device=device, progress=progress,
                   max_tokens=max_tokens, skip_special_tokens=skip_special_tokens, sort_by_length=True)
         self.inner: ActivationSource

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from switchsae.core.config import ConfigError
+from switchsae.core.config import ConfigError, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -45,18 +44,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("warmup_steps", self.warmup_steps, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
+            check_int(name, getattr(self, name), 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0)
         if self.dead_tokens is not None:
-            _check_int("dead_tokens", self.dead_tokens, minimum=1)
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a finite number > 0 (or None for the default), got {self.lr!r}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
+            check_int("dead_tokens", self.dead_tokens, 1)
+        if self.lr is not None:
+            check_number("lr", self.lr, 0.0, above=True)
+        check_number("decay_fraction", self.decay_fraction, 0.0)
+        if self.decay_fraction > 1.0:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
-        clip = self.max_grad_norm
-        if clip is not None and not (math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, 0.0, above=True)
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be true or false, got {self.normalize!r}")
+        if self.out_dir is not None and not isinstance(self.out_dir, str):
+            raise ConfigError(f"out_dir must be a path string or None, got {self.out_dir!r}")
         decay_start = self.steps - round(self.decay_fraction * self.steps)
         if self.warmup_steps > decay_start:
             raise ConfigError(
@@ -77,6 +80,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a train config must be a JSON object / dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -86,7 +91,3 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

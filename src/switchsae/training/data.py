@@ -28,6 +28,7 @@ from switchsae.data import (
     default_texts,
     read_texts,
 )
+from switchsae.validation import check_model_dir
 
 EVAL_BATCH = 4096
 
@@ -48,6 +49,15 @@ class DataSpec:
     cache: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("shards", "text", "model", "eval_shards"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise DataError(f"data spec {name} must be a path string or null, got {getattr(self, name)!r}")
+        for name in ("layer", "holdout_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DataError(f"data spec {name} must be an integer, got {value!r}")
+        if not isinstance(self.cache, bool):
+            raise DataError(f"data spec cache must be true or false, got {self.cache!r}")
         if self.shards and self.text:
             raise DataError("give either shards (--data) or a text file (--text), not both")
         if self.shards and self.model:
@@ -60,6 +70,8 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> DataSpec:
+        if not isinstance(data, dict):
+            raise DataError(f"a data spec must be a JSON object / dict, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise DataError(f"unknown data spec fields {unknown}")
@@ -72,11 +84,18 @@ class DataSpec:
         return f"{text} through {self.model or 'MiniLM-L6'} layer {self.layer}"
 
     def d_in(self) -> int:
-        """Activation width, found without harvesting (shard headers / model config.json)."""
+        """Activation width, found without harvesting (shard headers / model config.json);
+        held-out shards must have the same."""
         if self.shards:
-            return ShardSource(self.shards, 1, shuffle=False).d_in
+            d_in = ShardSource(self.shards, 1, shuffle=False).d_in
+            if self.eval_shards:
+                ShardSource(self.eval_shards, 1, shuffle=False, expected_d_in=d_in)
+            return d_in
         _require_harvest()
-        config = Path(self.model or default_model_path()) / "config.json"
+        if self.text:
+            read_texts(self.text)  # readable UTF-8 text, found before the model loads
+        model = check_model_dir(self.model or default_model_path(), DataError)
+        config = model / "config.json"
         try:
             return int(json.loads(config.read_text())["hidden_size"])
         except (OSError, ValueError, KeyError) as e:
