@@ -10,6 +10,12 @@ import math
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# The library's defaults, measured (README "Training defaults"); the paper's are PRESETS["paper"].
+LB_ALPHA = 0.1          # lb_coef = LB_ALPHA * d_in
+AUXK_COEF = 1 / 32      # Gao et al.'s AuxK weight
+LR_ANCHOR = 1.73e-3     # peak Adam rate at m = 2**14 latents per expert, scaled by 1 / sqrt(m / 2**14) ...
+LR_MAX = 4e-3           # ... and at most this
+PAPER_LR_ANCHOR = 2e-4  # the paper's rule: 2e-4 / sqrt(M / 2**14), M the total latents
 ROUTER_SCALES = ("soft", "hard")
 
 
@@ -35,17 +41,25 @@ def check_number(name: str, value, minimum: float, *, above: bool = False) -> fl
     return float(value)
 
 
+def scaled_lr(anchor: float, width: int, cap: float = math.inf) -> float:
+    """The peak Adam rate for a dictionary of `width` latents: anchor / sqrt(width / 2**14),
+    at most `cap` (the paper's scaling law, Fig. 3: its anchor 2e-4 with width = M; the
+    library's LR_ANCHOR with width = m, the latents per expert, capped at LR_MAX)."""
+    return min(cap, anchor / math.sqrt(width / 2**14))
+
+
 @dataclass(frozen=True)
 class SwitchSAEConfig:
     """Architecture and loss definition of a Switch SAE.
 
     d_in: width d of the activations.  n_latents: total dictionary size M.
     n_experts: N, each expert owning m = M / N latents.  k: latents kept per token.
-    lb_coef: weight of the Switch load-balancing loss; `None` means the paper's
-        `alpha * d` with alpha = 3.0.
-    auxk_coef: weight of the AuxK dead-latent loss (0 = off, as in the paper's runs;
-        Gao et al. use 1/32).  k_aux: dead latents used by AuxK (`None`: d // 2).
-    dead_tokens: a latent that has not fired for this many tokens counts as dead.
+    lb_coef: weight of the Switch load-balancing loss; `None` means `LB_ALPHA * d` (0.1 d,
+        measured; the paper's 3 d is `preset("paper")`).
+    auxk_coef: weight of the AuxK dead-latent loss (default Gao et al.'s 1/32; 0 = off, as
+        in the paper's runs).  k_aux: dead latents used by AuxK (`None`: d // 2).
+    dead_tokens: a latent that has not fired for this many tokens counts as dead; `None`
+        lets the trainer derive it from the run's size (`TrainConfig.dead_threshold`).
     encoder_bias: add a per-expert encoder bias `b_enc (N, m)`.
     router_scale: "soft" scales each expert's decode by its router probability;
         "hard" (the paper's heaviside ablation) scales by 1.
@@ -61,9 +75,9 @@ class SwitchSAEConfig:
     n_experts: int = 1
     k: int = 32
     lb_coef: float | None = None
-    auxk_coef: float = 0.0
+    auxk_coef: float = AUXK_COEF
     k_aux: int | None = None
-    dead_tokens: int = 10_000_000
+    dead_tokens: int | None = None
     encoder_bias: bool = False
     router_scale: str = "soft"
     dtype: str = "float32"
@@ -74,6 +88,8 @@ class SwitchSAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_in", "n_latents", "n_experts", "k", "dead_tokens"):
+            if name == "dead_tokens" and getattr(self, name) is None:
+                continue
             check_int(name, getattr(self, name), 1)
         if self.n_latents % self.n_experts:
             raise ConfigError(
@@ -128,10 +144,21 @@ class SwitchSAEConfig:
         """Every latent: the N*m routed ones (ids 0..M-1), then the shared expert's."""
         return self.n_latents + self.shared_latents
 
+    @classmethod
+    def preset(cls, name: str, **fields) -> "SwitchSAEConfig":
+        """A config with the settings of preset `name` (one of `PRESETS`: "default", the
+        library's; "paper", Mudide et al.'s lb_coef = 3 d, no AuxK, dead after 10M tokens);
+        `fields` give the sizes and override the preset."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        if "d_in" not in fields:
+            raise ConfigError("preset() needs d_in (and n_latents)")
+        return cls(**{**PRESETS[name](fields["d_in"]), **fields})
+
     @property
     def lb_weight(self) -> float:
-        """The load-balancing coefficient in effect (paper default: 3.0 * d_in)."""
-        return 3.0 * self.d_in if self.lb_coef is None else float(self.lb_coef)
+        """The load-balancing coefficient in effect (default LB_ALPHA * d_in)."""
+        return LB_ALPHA * self.d_in if self.lb_coef is None else float(self.lb_coef)
 
     @property
     def aux_k(self) -> int:
@@ -141,8 +168,9 @@ class SwitchSAEConfig:
 
     @property
     def default_lr(self) -> float:
-        """The paper's learning-rate scaling: 2e-4 / sqrt(M / 2**14)."""
-        return 2e-4 / math.sqrt(self.n_latents / 2**14)
+        """The default peak learning rate: LR_ANCHOR / sqrt(m / 2**14), at most LR_MAX (m: the
+        latents per expert, so a FLOP-matched Switch SAE gets its dense TopK SAE's rate)."""
+        return scaled_lr(LR_ANCHOR, self.expert_width, LR_MAX)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter (the checkpoint names)."""
@@ -184,3 +212,8 @@ class SwitchSAEConfig:
 
     def replace(self, **changes) -> "SwitchSAEConfig":
         return dataclasses.replace(self, **changes)
+
+
+# name -> d_in -> the preset's fields
+PRESETS = {"default": lambda d_in: {},
+           "paper": lambda d_in: {"lb_coef": 3.0 * d_in, "auxk_coef": 0.0, "dead_tokens": 10_000_000}}

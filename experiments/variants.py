@@ -48,7 +48,6 @@ from .paper import (
     Run,
     add_common_args,
     budget_from,
-    cfg_defaults,
     prepare,
     train_all,
 )
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     setup = prepare(args, budget)
     try:
         runs = plan(setup.train_src.d_in, budget["width"], budget["k"], budget["experts"], budget["top_e"],
-                    budget["shared_k"], args.match, **cfg_defaults())
+                    budget["shared_k"], args.match)
     except ValueError as e:
         p.error(str(e))
     rows, meta = train_all(runs, setup, budget, args, checkpoints=out / "checkpoints")

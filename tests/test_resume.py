@@ -25,7 +25,8 @@ from switchsae.training import TrainConfig, Trainer
 from switchsae.training.metrics_log import read_metrics
 
 NUMPY = switchsae.get_backend("numpy")
-CFG = SwitchSAEConfig(d_in=24, n_latents=96, n_experts=4, k=4, auxk_coef=1 / 32, dead_tokens=200)
+# dead after 60 tokens of its expert (~25 a step): AuxK is live within the first steps
+CFG = SwitchSAEConfig(d_in=24, n_latents=96, n_experts=4, k=4, auxk_coef=1 / 32, dead_tokens=60)
 # 40 steps, checkpoints at 10, 20, 30, 40, two kept: pruning at 30 and 40
 TC = TrainConfig(steps=40, batch_size=64, lr=5e-3, warmup_steps=5, log_every=5, checkpoint_every=10,
                  keep_checkpoints=2)

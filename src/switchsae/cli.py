@@ -22,17 +22,16 @@ from switchsae.training.run_dir import check_new_run_dir
 from switchsae.validation import (OneLineParser, check_model_dir, check_output_dir, finite_float,
                                   nonnegative_int, positive_int)
 
-# Defaults of `switchsae train`, tuned on the run with no arguments (N = 8, k = 32,
-# M = 8 * d_in on MiniLM-L6 layer 3 of Python's docs; held-out FVU after 120 steps of 2048
-# tokens, torch): lr 2e-3 0.205, 4e-3 0.182; at lr 4e-3 the load-balancing weight 3 * d_in
-# (the paper's) 0.182, 0.3 * d_in 0.148, 0.1 * d_in 0.143 (still balanced: load entropy
-# 2.074 of log 8 = 2.079), 0.01 * d_in 0.152 (unbalanced: entropy 1.70, 25% dead).
-DEFAULTS = {"experts": 8, "k": 32, "expansion": 8, "lb_alpha": 0.1, "auxk_coef": 1 / 32,
-            "dead_tokens": 100_000, "steps": 1000, "batch_size": 2048, "lr": 4e-3, "warmup": 10,
+# Sizes and bookkeeping of `switchsae train` with no arguments (N = 8, k = 32, M = 8 * d_in).
+# The losses, learning rate, warm-up and dead-latent window are the library's defaults
+# (`SwitchSAEConfig`, `TrainConfig`: measured, README "Training defaults"); --preset paper
+# takes the paper's.
+DEFAULTS = {"experts": 8, "k": 32, "expansion": 8, "steps": 1000, "batch_size": 2048,
             "log_every": 10, "checkpoint_every": 250, "seed": 0, "eval_tokens": 65_536}
+PRESETS = ("default", "paper")
 # options that a resumed run takes from its checkpoint instead
 _RUN_OPTIONS = ("data", "text", "model", "layer", "eval_data", "holdout_every", "d_in", "latents",
-                "experts", "k", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
+                "experts", "k", "preset", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
                 "seed", "log_every", "checkpoint_every", "dead_tokens", "no_normalize", "no_cache")
 
 
@@ -101,6 +100,8 @@ def _add_text_source(p, with_data: bool) -> None:
 
 
 def _train_parser(sub) -> None:
+    from switchsae.core.config import AUXK_COEF, LB_ALPHA, LR_ANCHOR, LR_MAX
+
     d = DEFAULTS
     p = sub.add_parser("train", help="train a Switch SAE", description=(
         "Train a Switch SAE; writes checkpoints, metrics.jsonl, report.txt, curves.png and eval.json "
@@ -118,16 +119,19 @@ def _train_parser(sub) -> None:
     m.add_argument("--latents", type=positive_int, metavar="M", help=f"total latents (default {d['expansion']} * d_in)")
     m.add_argument("--experts", type=positive_int, metavar="N", help=f"experts (default {d['experts']})")
     m.add_argument("--k", type=positive_int, help=f"active latents per token (default {d['k']})")
-    m.add_argument("--lb-coef", type=finite_float, help=f"load-balancing weight (default {d['lb_alpha']:g} * d_in; "
-                   "the paper's 3 * d_in measured worse on the default data)")
-    m.add_argument("--auxk-coef", type=finite_float, help=f"AuxK dead-latent loss weight (default {d['auxk_coef']:g})")
+    m.add_argument("--preset", choices=PRESETS, help="'paper': the paper's losses and schedule (lb 3 * d_in, no "
+                   "AuxK, lr 2e-4 / sqrt(M / 2^14), no warm-up); default: the library's measured defaults")
+    m.add_argument("--lb-coef", type=finite_float, help=f"load-balancing weight (default {LB_ALPHA:g} * d_in)")
+    m.add_argument("--auxk-coef", type=finite_float, help=f"AuxK dead-latent loss weight (default {AUXK_COEF:g})")
     m.add_argument("--dtype", help="float32 (default), bfloat16, float16, float64")
     t = p.add_argument_group("optimisation")
     t.add_argument("--steps", type=positive_int, help=f"updates (default {d['steps']})")
     t.add_argument("--batch-size", type=positive_int, help=f"tokens per update (default {d['batch_size']})")
-    t.add_argument("--lr", type=finite_float, help=f"peak Adam learning rate (default {d['lr']:g})")
-    t.add_argument("--warmup", type=nonnegative_int, help=f"warm-up steps (default {d['warmup']})")
-    t.add_argument("--dead-tokens", type=positive_int, help=f"tokens without firing = dead (default {d['dead_tokens']})")
+    t.add_argument("--lr", type=finite_float, help=f"peak Adam learning rate (default {LR_ANCHOR:g} / sqrt(m / 2^14), "
+                   f"m = latents per expert, at most {LR_MAX:g})")
+    t.add_argument("--warmup", type=nonnegative_int, help="warm-up steps (default 1%% of --steps)")
+    t.add_argument("--dead-tokens", type=positive_int, help="tokens without firing = dead (default 5%% of the run's "
+                   "tokens, at most 10M)")
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")
     t.add_argument("--seed", type=nonnegative_int, help=f"initialisation and data-order seed (default {d['seed']})")
     t.add_argument("--parallel", choices=("data", "expert"),
@@ -273,15 +277,17 @@ def _new_run(args, backend):
     d_in = spec.d_in()
     if args.d_in is not None and args.d_in != d_in:
         raise CLIError(f"--d-in {args.d_in} does not match the data, whose activations have d_in={d_in}")
-    cfg = SwitchSAEConfig(
-        d_in=d_in, n_latents=args.latents or DEFAULTS["expansion"] * d_in, n_experts=pick("experts"),
-        k=pick("k"), lb_coef=DEFAULTS["lb_alpha"] * d_in if args.lb_coef is None else args.lb_coef,
-        auxk_coef=pick("auxk_coef"), dead_tokens=pick("dead_tokens"),
-        dtype=args.dtype or "float32")
-    tc = TrainConfig(steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"),
-                     warmup_steps=pick("warmup"), seed=pick("seed"), log_every=pick("log_every"),
-                     checkpoint_every=pick("checkpoint_every"), normalize=not args.no_normalize,
-                     out_dir=str(out))
+    given_cfg = {"lb_coef": args.lb_coef, "auxk_coef": args.auxk_coef, "dead_tokens": args.dead_tokens,
+                 "dtype": args.dtype}
+    cfg = SwitchSAEConfig.preset(args.preset or "default", d_in=d_in,
+                                 n_latents=args.latents or DEFAULTS["expansion"] * d_in,
+                                 n_experts=pick("experts"), k=pick("k"),
+                                 **{k: v for k, v in given_cfg.items() if v is not None})
+    given_tc = {"lr": args.lr, "warmup_steps": args.warmup}
+    tc = TrainConfig.preset(args.preset or "default", steps=pick("steps"), batch_size=pick("batch_size"),
+                            seed=pick("seed"), log_every=pick("log_every"),
+                            checkpoint_every=pick("checkpoint_every"), normalize=not args.no_normalize,
+                            out_dir=str(out), **{k: v for k, v in given_tc.items() if v is not None})
     check_config(cfg, tc, backend)
     return spec, cfg, tc
 
@@ -299,7 +305,7 @@ def _finish(args, trainer, result, spec, eval_src, eval_label) -> None:
                  f"dtype={cfg.dtype}",
         "losses": f"lb_coef={cfg.lb_weight:g} auxk_coef={cfg.auxk_coef:g} dead_tokens={trainer.dead_tokens}",
         "steps": f"{result.step} x {tc.batch_size} tokens = {result.step * tc.batch_size} tokens",
-        "learning rate": f"{trainer.peak_lr:g} (warm-up {tc.warmup_steps}, linear decay over the last "
+        "learning rate": f"{trainer.peak_lr:g} (warm-up {tc.warmup}, linear decay over the last "
                          f"{tc.decay_fraction:.0%})",
         "activation scale": f"{trainer.scale:g}" + ("" if tc.normalize else " (normalisation off)"),
         "training time": f"{result.wall_time:.1f} s "

@@ -15,7 +15,7 @@ import numpy as np
 from switchsae import checkpoint as ckpt_io
 from switchsae._active import get_backend
 from switchsae.core.config import ConfigError, SwitchSAEConfig, check_int, check_number
-from switchsae.core.dead_latents import dead_mask, update_tokens_since_fired
+from switchsae.core.dead_latents import dead_mask, tokens_seen, update_tokens_since_fired
 from switchsae.core.init import geometric_median, init_params
 from switchsae.core.optim import AdamState, adam_init
 from switchsae.core.spec import uses_auxk
@@ -213,11 +213,12 @@ class Trainer:
         """One optimiser step on the (scaled) batch; -> (native batch, lr, ForwardOutput)."""
         be = self.backend
         x = be.place_batch(x_np, self.cfg.dtype)
-        lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup_steps, self.tc.decay_fraction)
+        lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup, self.tc.decay_fraction)
         self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, self._dead_mask())
         self.step += 1
         self._check_loss(out)
-        self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be)
+        seen = tokens_seen(self.cfg, out.expert, be) if self.tc.dead_count == "expert" else None
+        self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be, seen)
         return x, lr, out
 
     def _dead_mask(self):
@@ -225,7 +226,8 @@ class Trainer:
         while no latent is dead (AuxK is then exactly 0, with no gradient, yet its TopK over
         k_aux candidates and their decode would cost more than the rest of the step)."""
         mask = dead_mask(self.counter, self.dead_tokens)
-        return mask if uses_auxk(self.cfg, mask) and bool(self.backend.xp.any(mask)) else None
+        # np.any on a copy of the (M,) bools: not every backend's namespace has `any` (MLX's)
+        return mask if uses_auxk(self.cfg, mask) and np.any(self.backend.to_numpy(mask)) else None
 
     def _record(self, out, x, lr: float, window: list) -> dict:
         """The metrics line for this step; window: [start time, tokens] since the last line."""
