@@ -41,17 +41,18 @@ def _tiled_decode_fwd(values, indices, table):
     plan = _plan(indices)
     v, i = D.to_tiles(values, plan), D.to_tiles(indices, plan)  # empty slots: weight 0, row 0
     out = D.from_tiles(D.map_tiles(lambda _, vt, it: D.gather_sum(vt, it, table), plan, v, i), plan)
-    return out, (plan, v, i, table)
+    return out, (plan, v, i, table, values)
 
 
 def _tiled_decode_bwd(res, grad_out):
-    plan, v, i, table = res
+    plan, v, i, table, values = res
     g = D.to_tiles(grad_out, plan)
     grad_values = D.from_tiles(D.map_tiles(lambda _, gt, it: D.sampled_dot(gt, it, table), plan, g, i), plan)
     acc_dtype = jnp.promote_types(table.dtype, jnp.float32)
     grad_table = D.accumulate_tiles(lambda acc, _, it, vt, gt: D.scatter_outer(acc, it, vt, gt),
                                     jnp.zeros(table.shape, acc_dtype), plan, i, v, g)
-    return grad_values.astype(v.dtype), None, grad_table.astype(table.dtype)
+    return (D.cotangent_like(grad_values.astype(v.dtype), values), None,
+            D.cotangent_like(grad_table.astype(table.dtype), table))
 
 
 _tiled_decode.defvjp(_tiled_decode_fwd, _tiled_decode_bwd)

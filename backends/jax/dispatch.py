@@ -112,7 +112,7 @@ def map_tiles(fn, plan: TilePlan, *tiled):
     shapes = jax.eval_shape(fn, plan.tile_group[0], *(t[0] for t in tiled))
 
     def zeros():
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.tree.map(lambda s: _varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
 
     def one(args):
         i, group, *tile = args
@@ -124,12 +124,36 @@ def map_tiles(fn, plan: TilePlan, *tiled):
 def accumulate_tiles(fn, init, plan: TilePlan, *tiled):
     """Fold fn(acc, group, *tile_args) -> acc over the used tiles, in order (for sums into
     a shared table, updated in place)."""
+    shapes = jax.eval_shape(fn, init, plan.tile_group[0], *(t[0] for t in tiled))
+    init = jax.tree.map(_varying_like, init, shapes)
 
     def one(acc, args):
         i, group, *tile = args
         return jax.lax.cond(i < plan.n_used, lambda: fn(acc, group, *tile), lambda: acc), None
 
     return jax.lax.scan(one, init, (jnp.arange(plan.n_tiles), plan.tile_group, *tiled))[0]
+
+
+def _varying_like(value, *like):
+    """value, marked as varying over every manual mesh axis the arrays or shape structs
+    `like` vary over (inside `shard_map` a cond's two branches, and a scan's carry in and
+    out, must agree; outside it this is the identity)."""
+    axes = frozenset().union(*(_varying_axes(a if isinstance(a, jax.ShapeDtypeStruct) else jax.typeof(a)) for a in like))
+    missing = tuple(axes - _varying_axes(jax.typeof(value)))
+    return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def cotangent_like(ct, primal):
+    """A custom VJP's cotangent given the manual mesh axes of its primal: summed over the axes
+    it varies over and the primal does not (inside `shard_map` an invariant input is broadcast
+    to the varying computation, whose transpose is that sum); the identity outside."""
+    extra = tuple(_varying_axes(jax.typeof(ct)) - _varying_axes(jax.typeof(primal)))
+    return _varying_like(jax.lax.psum(ct, extra) if extra else ct, primal)
+
+
+def _varying_axes(aval) -> frozenset:
+    kind = aval.manual_axis_type  # None outside shard_map
+    return frozenset() if kind is None else frozenset(kind.varying)
 
 
 def scatter_outer(table, indices, weights, rows):
@@ -140,7 +164,7 @@ def scatter_outer(table, indices, weights, rows):
         idx, w = entry
         return acc.at[idx].add((w[:, None] * rows).astype(acc.dtype), mode=_GRID), None
 
-    return jax.lax.scan(column, table, (indices.T, weights.T))[0]
+    return jax.lax.scan(column, _varying_like(table, indices, weights, rows), (indices.T, weights.T))[0]
 
 
 def gather_sum(weights, indices, table):
@@ -151,7 +175,7 @@ def gather_sum(weights, indices, table):
         idx, w = entry
         return acc + w[:, None].astype(acc.dtype) * table.at[idx].get(mode=_GRID), None
 
-    init = jnp.zeros((weights.shape[0], table.shape[1]), table.dtype)
+    init = _varying_like(jnp.zeros((weights.shape[0], table.shape[1]), table.dtype), weights, indices, table)
     return jax.lax.scan(column, init, (indices.T, weights.T))[0]
 
 

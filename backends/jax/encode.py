@@ -90,13 +90,17 @@ def _tiled_encode_fwd(x, W_enc, b_enc, group_ids):
     plan = D.plan_tiles(group_ids, W_enc.shape[0])
     x_tiles = D.to_tiles(x, plan)
     pre = D.from_tiles(D.map_tiles(functools.partial(_tile_pre, W_enc, b_enc), plan, x_tiles), plan)
-    return pre, (plan, x_tiles, W_enc, b_enc)
+    return pre, (plan, x_tiles, x, W_enc, b_enc)
 
 
 def _tiled_encode_bwd(res, grad_pre):
-    plan, x_tiles, W_enc, b_enc = res
-    grad_x, grad_W, grad_b = _dense_tile_grads(plan, x_tiles, D.to_tiles(grad_pre, plan), W_enc, b_enc is not None)
-    return grad_x, grad_W, grad_b, None
+    plan, x_tiles, x, W_enc, b_enc = res
+    grads = _dense_tile_grads(plan, x_tiles, D.to_tiles(grad_pre, plan), W_enc, b_enc is not None)
+    return (*_like_primals(grads, (x, W_enc, b_enc)), None)
+
+
+def _like_primals(cotangents, primals):
+    return tuple(None if c is None else D.cotangent_like(c, p) for c, p in zip(cotangents, primals))
 
 
 _tiled_encode.defvjp(_tiled_encode_fwd, _tiled_encode_bwd)
@@ -141,11 +145,11 @@ def _sparse_encode_topk_fwd(k, mode, x, b_pre, W_enc, b_enc, expert):
         tile_values, tile_indices = D.map_tiles(tile, plan, x_tiles)
         values, indices = D.from_tiles(tile_values, plan), D.from_tiles(tile_indices, plan)
         res = (plan, x_tiles, tile_values, tile_indices)
-    return (values, indices), (*res, W_enc, b_enc, expert)
+    return (values, indices), (*res, x, b_pre, W_enc, b_enc, expert)
 
 
 def _sparse_encode_topk_bwd(k, mode, res, cotangents):
-    plan, x_rows, values, indices, W_enc, b_enc, expert = res
+    plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert = res
     n, d, m = W_enc.shape
     acc_dtype = jnp.promote_types(W_enc.dtype, jnp.float32)
     grad_values = cotangents[0]
@@ -167,7 +171,7 @@ def _sparse_encode_topk_bwd(k, mode, res, cotangents):
     grad_b_pre = -jnp.einsum("nm,ndm->d", sums.reshape(n, m), W_enc.astype(acc_dtype)).astype(W_enc.dtype)
     grad_b = sums.reshape(n, m).astype(b_enc.dtype) if b_enc is not None else None
     grad_x = rows_grad(jnp.transpose(W_enc, (0, 2, 1)).reshape(n * m, d))  # jit drops it when unused
-    return grad_x.astype(W_enc.dtype), grad_b_pre, grad_W, grad_b, None
+    return (*_like_primals((grad_x.astype(x.dtype), grad_b_pre, grad_W, grad_b), (x, b_pre, W_enc, b_enc)), None)
 
 
 _sparse_encode_topk.defvjp(_sparse_encode_topk_fwd, _sparse_encode_topk_bwd)
