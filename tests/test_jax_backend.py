@@ -122,7 +122,7 @@ def test_compiled_step_has_no_dense_expert_arrays_nor_host_callbacks(dead):
         return forbidden & {tuple(sorted(int(n) for n in d.split("x"))) for d in dims}
 
     for mode, platforms in (("tiles", ()), ("ragged", ("cuda", "tpu"))):
-        step = jax.jit(functools.partial(train_step, Backend(dispatch=mode), cfg))
+        step = jax.jit(functools.partial(train_step, Backend(dispatch_mode=mode), cfg))
         jaxpr = jax.make_jaxpr(step)(*args).jaxpr
         dense = forbidden & {tuple(sorted(s)) for s in _shapes(jaxpr)}
         assert not dense, f"{mode} jaxpr: dense expert arrays {dense}"

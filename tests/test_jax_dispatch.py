@@ -30,18 +30,18 @@ def _close(got, ref, what):
 
 def test_dispatch_mode_follows_platform_env_and_argument(monkeypatch):
     monkeypatch.delenv(dispatch.ENV, raising=False)
-    assert dispatch.dispatch_mode(None, "tpu") == "ragged"
-    assert dispatch.dispatch_mode(None, "gpu") == "ragged"
-    assert dispatch.dispatch_mode(None, "cpu") == "tiles"
+    assert dispatch.choose_mode(None, "tpu") == "ragged"
+    assert dispatch.choose_mode(None, "gpu") == "ragged"
+    assert dispatch.choose_mode(None, "cpu") == "tiles"
     monkeypatch.setenv(dispatch.ENV, "ragged")
-    assert dispatch.dispatch_mode(None, "cpu") == "ragged"
-    assert Backend().dispatch == "ragged"
-    assert dispatch.dispatch_mode("tiles", "tpu") == "tiles"  # the argument wins
+    assert dispatch.choose_mode(None, "cpu") == "ragged"
+    assert Backend().dispatch_mode == "ragged"
+    assert dispatch.choose_mode("tiles", "tpu") == "tiles"  # the argument wins
     monkeypatch.setenv(dispatch.ENV, "blocks")
     with pytest.raises(ValueError, match=r"\$SWITCHSAE_JAX_DISPATCH must be one of auto, tiles, ragged"):
         Backend()
-    with pytest.raises(ValueError, match="dispatch must be one of"):
-        Backend(dispatch="dense")
+    with pytest.raises(ValueError, match="dispatch_mode must be one of"):
+        Backend(dispatch_mode="dense")
 
 
 @pytest.mark.parametrize("batch,ids", [

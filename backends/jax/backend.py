@@ -13,7 +13,7 @@ from switchsae.core.spec import forward
 
 from . import compile as _compile
 from .decode import decode as sparse_decode
-from .dispatch import dispatch_mode
+from .dispatch import choose_mode
 from .encode import encode_topk as fused_encode_topk
 from .encode import grouped_encode
 
@@ -26,7 +26,7 @@ class JaxBackend(Backend):
     the encoder's `ragged_dot` as a zero-padded dense product: see `use_pallas_ragged_dot`.
     Multi-device placement: `switchsae.backends.jax.distributed.ExpertParallelBackend`.
 
-    dispatch: "tiles", "ragged" or "auto" (None: $SWITCHSAE_JAX_DISPATCH, else "auto": ragged
+    dispatch_mode: "tiles", "ragged" or "auto" (None: $SWITCHSAE_JAX_DISPATCH, else "auto": ragged
     on TPU/GPU, tiles elsewhere); see `dispatch`."""
 
     name = "jax"
@@ -34,8 +34,8 @@ class JaxBackend(Backend):
     extra = "jax"
     dtypes = ("float32", "bfloat16")
 
-    def __init__(self, dispatch: str | None = None):
-        self.dispatch = dispatch_mode(dispatch)
+    def __init__(self, dispatch_mode: str | None = None):
+        self.dispatch_mode = choose_mode(dispatch_mode)
         self._loss_and_grads = jax.jit(self._value_and_grad, static_argnums=(2,))
 
     # -- arrays ---------------------------------------------------------------------------
@@ -60,16 +60,16 @@ class JaxBackend(Backend):
 
     def encode(self, x_centered, W_enc, b_enc, expert):
         """Each token through its own expert only (`encode.grouped_encode`)."""
-        return grouped_encode(x_centered, W_enc, b_enc, expert, self.dispatch)
+        return grouped_encode(x_centered, W_enc, b_enc, expert, self.dispatch_mode)
 
     def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
         """Encode, ReLU and TopK fused, with a backward over the (batch, k) kept entries
         (`encode.encode_topk`)."""
-        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch)
+        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode)
 
     def decode(self, values, indices, W_dec_flat):
         """Sparse decode with a sparse backward (`decode.decode`)."""
-        return sparse_decode(values, indices, W_dec_flat, self.dispatch)
+        return sparse_decode(values, indices, W_dec_flat, self.dispatch_mode)
 
     def stop_gradient(self, a):
         return jax.lax.stop_gradient(a)

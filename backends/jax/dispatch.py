@@ -13,7 +13,7 @@ tiles are consecutive, so its weights stay in cache for its whole run, in the ma
 the sparse backward products (`scatter_outer`).
 
 The mode is per platform ("ragged" on TPU/GPU, "tiles" elsewhere) and overridable:
-$SWITCHSAE_JAX_DISPATCH = auto | tiles | ragged, or `JaxBackend(dispatch=...)`.
+$SWITCHSAE_JAX_DISPATCH = auto | tiles | ragged, or `JaxBackend(dispatch_mode=...)`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TILE_ROWS = 256  # measured on a 2-core AVX-512 CPU, d 768, m 1536: 128 and 512 
 _GRID = "promise_in_bounds"  # every index below is in range by construction
 
 
-def dispatch_mode(requested: str | None = None, platform: str | None = None) -> str:
+def choose_mode(requested: str | None = None, platform: str | None = None) -> str:
     """The dispatch to use: `requested`, else $SWITCHSAE_JAX_DISPATCH, else "auto", which is
     "ragged" on TPU and GPU (a real grouped GEMM there) and "tiles" elsewhere (CPU)."""
     mode = requested or os.environ.get(ENV) or "auto"
@@ -38,7 +38,7 @@ def dispatch_mode(requested: str | None = None, platform: str | None = None) -> 
         platform = platform or jax.default_backend()
         return "ragged" if platform in ("tpu", "gpu", "cuda", "rocm") else "tiles"
     if mode not in MODES:
-        source = "dispatch" if requested else f"${ENV}"
+        source = "dispatch_mode" if requested else f"${ENV}"
         raise ValueError(f"{source} must be one of auto, {', '.join(MODES)}; got {mode!r}")
     return mode
 

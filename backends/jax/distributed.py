@@ -118,8 +118,8 @@ class ExpertParallelBackend(JaxBackend):
     its devices.  Feed it parameters from `shard_params` and batches from `shard_batch`
     (the batch must divide by `mesh.size`)."""
 
-    def __init__(self, mesh: Mesh, dispatch: str | None = None):
-        super().__init__(dispatch)
+    def __init__(self, mesh: Mesh, dispatch_mode: str | None = None):
+        super().__init__(dispatch_mode)
         if tuple(mesh.axis_names) != (DATA, EXPERT):
             raise ValueError(f"mesh axes must be {(DATA, EXPERT)}, got {tuple(mesh.axis_names)}")
         self.mesh = mesh
@@ -165,7 +165,7 @@ class ExpertParallelBackend(JaxBackend):
         def local(x, W, e, *b):
             first = jax.lax.axis_index(EXPERT) * n_local
             pre = grouped_encode(_gather_group(x), W, b[0] if b else None, _gather_group(e) - first,
-                                 self.dispatch)
+                                 self.dispatch_mode)
             return _scatter_group(pre)
 
         args, specs = (x_centered, W_enc, expert), (_TOKENS, _BY_EXPERT, _TOKENS)
@@ -178,15 +178,15 @@ class ExpertParallelBackend(JaxBackend):
         R divides evenly (else replicated and decoded per device) -> (batch, d)."""
         rows = W_dec_flat.shape[0]
         if rows % self.n_ep:
-            return jax.shard_map(functools.partial(sparse_decode, mode=self.dispatch), mesh=self.mesh, in_specs=(_TOKENS, _TOKENS, P()),
-                                 out_specs=_TOKENS)(values, indices, W_dec_flat)
+            return jax.shard_map(functools.partial(sparse_decode, mode=self.dispatch_mode), mesh=self.mesh,
+                                 in_specs=(_TOKENS, _TOKENS, P()), out_specs=_TOKENS)(values, indices, W_dec_flat)
         n_local = rows // self.n_ep
 
         def local(v, idx, table):
             local_idx = _gather_group(idx) - jax.lax.axis_index(EXPERT) * n_local
             mine = (local_idx >= 0) & (local_idx < n_local)
             v_mine = jnp.where(mine, _gather_group(v), jnp.zeros((), v.dtype))
-            return _scatter_group(sparse_decode(v_mine, jnp.where(mine, local_idx, 0), table, self.dispatch))
+            return _scatter_group(sparse_decode(v_mine, jnp.where(mine, local_idx, 0), table, self.dispatch_mode))
 
         return jax.shard_map(local, mesh=self.mesh, in_specs=(_TOKENS, _TOKENS, _BY_EXPERT),
                              out_specs=_TOKENS)(values, indices, W_dec_flat)
