@@ -95,30 +95,40 @@ def test_grouped_encode_and_its_gradient_match_the_dense_definition(mode):
         _close(g, r, f"d{name}")
 
 
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", ["bias", "no_bias", "bias_auxk"])
 @pytest.mark.parametrize("mode", MODES)
-def test_encode_topk_sparse_backward_matches_autodiff_of_the_definition(mode, bias):
+def test_encode_topk_sparse_backward_matches_autodiff_of_the_definition(mode, variant):
+    """Values, indices (exact) and every gradient of the fused encode + ReLU + TopK, and with
+    a dead mask of AuxK's TopK over the dead latents chosen in the same pass."""
     x, W, b, ids = _encoder_case(seed=2)
-    b = b if bias else None
-    b_pre = jnp.asarray(np.random.default_rng(3).normal(size=x.shape[1]), jnp.float32)
-    k = 4
-    weight = jnp.asarray(np.random.default_rng(4).normal(size=(x.shape[0], k)), jnp.float32)
+    b = None if variant == "no_bias" else b
+    rng = np.random.default_rng(3)
+    b_pre = jnp.asarray(rng.normal(size=x.shape[1]), jnp.float32)
+    dead = jnp.asarray(rng.random(W.shape[0] * W.shape[2]) < 0.4).reshape(W.shape[0], W.shape[2]) \
+        if variant == "bias_auxk" else None
+    k, aux_k = 4, 3
+    weights = [jnp.asarray(rng.normal(size=(x.shape[0], j)), jnp.float32) for j in (k, aux_k)]
 
     def reference(x, b_pre, W, b):
         acts = jnp.maximum(encode_reference(x - b_pre, W, b, ids, jnp), 0.0)
-        return jax.lax.top_k(acts, k)
+        kept = tuple(jax.lax.top_k(acts, k))
+        return kept if dead is None else kept + tuple(jax.lax.top_k(jnp.where(dead[ids], acts, 0.0), aux_k))
 
     def fused(x, b_pre, W, b):
-        acts, values, indices = encode.encode_topk(x, b_pre, W, b, ids, k, keep_acts=False, mode=mode)
+        acts, *out = encode.encode_topk(x, b_pre, W, b, ids, k, keep_acts=False, mode=mode, dead=dead, aux_k=aux_k)
         assert acts is None
-        return values, indices
+        return tuple(out)
 
-    values, indices = fused(x, b_pre, W, b)
-    ref_values, ref_indices = reference(x, b_pre, W, b)
-    np.testing.assert_array_equal(np.asarray(indices), np.asarray(ref_indices))
-    _close(values, ref_values, "values")
-    argnums = (0, 1, 2, 3) if bias else (0, 1, 2)
-    loss = lambda fn: lambda *a: jnp.sum(weight * fn(*a)[0])
+    got, want = fused(x, b_pre, W, b), reference(x, b_pre, W, b)
+    assert len(got) == len(want) == (2 if dead is None else 4)
+    for j, (g, r) in enumerate(zip(got, want)):
+        if j % 2:  # indices: exact where the value is positive (ties at 0 are free for AuxK)
+            positive = np.asarray(want[j - 1]) > 0
+            np.testing.assert_array_equal(np.asarray(g)[positive], np.asarray(r)[positive])
+        else:
+            _close(g, r, f"output {j}")
+    argnums = (0, 1, 2) if b is None else (0, 1, 2, 3)
+    loss = lambda fn: lambda *a: sum(jnp.sum(w * v) for w, v in zip(weights, fn(*a)[0::2]))
     got = jax.grad(loss(fused), argnums=argnums)(x, b_pre, W, b)
     want = jax.grad(loss(reference), argnums=argnums)(x, b_pre, W, b)
     for name, g, r in zip(("x", "b_pre", "W_enc", "b_enc"), got, want):

@@ -67,6 +67,11 @@ class JaxBackend(Backend):
         (`encode.encode_topk`)."""
         return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode)
 
+    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
+        """`encode_topk` and AuxK's dead-latent TopK chosen in the same pass (per tile on CPU),
+        with one sparse backward over the k + aux_k kept entries (`encode.encode_topk`)."""
+        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode, dead, aux_k)
+
     def decode(self, values, indices, W_dec_flat):
         """Sparse decode with a sparse backward (`decode.decode`)."""
         return sparse_decode(values, indices, W_dec_flat, self.dispatch_mode)

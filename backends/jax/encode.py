@@ -41,17 +41,28 @@ def grouped_encode(x, W_enc, b_enc, group_ids, mode: str = "tiles"):
     return _tiled_encode(x, W_enc, b_enc, group_ids)
 
 
-def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, mode: str = "tiles"):
-    """relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) and its TopK (spec tie rule).
-    x: (batch, d); b_pre: (d,); W_enc: (N, d, m); b_enc: (N, m) or None; expert: (batch,)
-    -> acts (batch, m) (None without keep_acts), values (batch, k), local indices (batch, k)."""
-    if keep_acts:
+def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, mode: str = "tiles",
+                dead=None, aux_k: int = 0):
+    """relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) and its TopK (spec tie rule), and
+    with `dead` AuxK's TopK from the same activations (scale's `Backend.encode_topk_aux`).
+    x: (batch, d); b_pre: (d,); W_enc: (N, d, m); b_enc: (N, m) or None; expert: (batch,);
+    dead: (N, m) bool or None -> acts (batch, m) (None without keep_acts), values (batch, k),
+    local indices (batch, k), and with dead: aux_values, aux_indices (batch, aux_k), the top
+    aux_k of acts masked to the token's expert's dead latents."""
+    if keep_acts:  # acts carry gradient themselves: the dense backward
         pre = grouped_encode(x - b_pre, W_enc, b_enc, expert, mode)
         acts = jnp.maximum(pre, jnp.zeros((), pre.dtype))
         values, indices = jax.lax.top_k(acts, k)
-        return acts, values, indices
-    values, indices = _sparse_encode_topk(k, mode, x, b_pre, W_enc, b_enc, expert)
-    return None, values, indices
+        if dead is None:
+            return acts, values, indices
+        return (acts, values, indices, *_dead_topk(acts, dead[expert], aux_k))
+    out = _sparse_encode_topk(k, aux_k if dead is not None else 0, mode, x, b_pre, W_enc, b_enc, expert, dead)
+    return (None, *out)
+
+
+def _dead_topk(acts, dead_rows, aux_k):
+    """TopK of acts (T, m) masked to dead_rows (T, m) bool."""
+    return tuple(jax.lax.top_k(jnp.where(dead_rows, acts, jnp.zeros((), acts.dtype)), aux_k))
 
 
 # -- the plain encoder (dense pre-activation gradient) --------------------------------------
@@ -123,36 +134,45 @@ def _dense_tile_grads(plan, x_tiles, grad_tiles, W_enc, has_bias):
 
 
 # -- the fused encoder + ReLU + TopK with the sparse backward --------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _sparse_encode_topk(k, mode, x, b_pre, W_enc, b_enc, expert):
-    return _sparse_encode_topk_fwd(k, mode, x, b_pre, W_enc, b_enc, expert)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sparse_encode_topk(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead):
+    return _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead)[0]
 
 
-def _sparse_encode_topk_fwd(k, mode, x, b_pre, W_enc, b_enc, expert):
+def _kept(acts, dead_rows, k, aux_k):
+    """TopK of acts (T, m), and AuxK's (of the dead_rows) when aux_k: 2 or 4 arrays (T, .)."""
+    kept = tuple(jax.lax.top_k(acts, k))
+    return kept + _dead_topk(acts, dead_rows, aux_k) if aux_k else kept
+
+
+def _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead):
     x_centered = x - b_pre
+    relu = lambda pre: jnp.maximum(pre, jnp.zeros((), pre.dtype))
     if mode == "ragged":
-        pre = _ragged_encode(x_centered, W_enc, b_enc, expert)
-        values, indices = jax.lax.top_k(jnp.maximum(pre, jnp.zeros((), pre.dtype)), k)
-        res = (None, x_centered, values, indices)
+        acts = relu(_ragged_encode(x_centered, W_enc, b_enc, expert))
+        out = _kept(acts, dead[expert] if aux_k else None, k, aux_k)
+        plan, x_rows, tiled = None, x_centered, out
     else:
         plan = D.plan_tiles(expert, W_enc.shape[0])
-        x_tiles = D.to_tiles(x_centered, plan)
+        x_rows = D.to_tiles(x_centered, plan)
 
         def tile(group, xt):
-            pre = _tile_pre(W_enc, b_enc, group, xt)
-            return tuple(jax.lax.top_k(jnp.maximum(pre, jnp.zeros((), pre.dtype)), k))
+            acts = relu(_tile_pre(W_enc, b_enc, group, xt))
+            dead_rows = jnp.broadcast_to(_expert(dead, group), acts.shape) if aux_k else None
+            return _kept(acts, dead_rows, k, aux_k)
 
-        tile_values, tile_indices = D.map_tiles(tile, plan, x_tiles)
-        values, indices = D.from_tiles(tile_values, plan), D.from_tiles(tile_indices, plan)
-        res = (plan, x_tiles, tile_values, tile_indices)
-    return (values, indices), (*res, x, b_pre, W_enc, b_enc, expert)
+        tiled = D.map_tiles(tile, plan, x_rows)
+        out = tuple(D.from_tiles(t, plan) for t in tiled)
+    # the backward's entries: the kept values and their local ids, main TopK then AuxK's
+    values, indices = jnp.concatenate(tiled[0::2], -1), jnp.concatenate(tiled[1::2], -1)
+    return out, (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert)
 
 
-def _sparse_encode_topk_bwd(k, mode, res, cotangents):
+def _sparse_encode_topk_bwd(k, aux_k, mode, res, cotangents):
     plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert = res
     n, d, m = W_enc.shape
     acc_dtype = jnp.promote_types(W_enc.dtype, jnp.float32)
-    grad_values = cotangents[0]
+    grad_values = jnp.concatenate(cotangents[0::2], -1)  # main TopK's, then AuxK's
     if plan is None:  # ragged: the (batch, k) entries at once
         g = grad_values * (values > 0)  # through relu: zero where the kept value is 0
         latents = expert[:, None].astype(indices.dtype) * m + indices
@@ -171,7 +191,8 @@ def _sparse_encode_topk_bwd(k, mode, res, cotangents):
     grad_b_pre = -jnp.einsum("nm,ndm->d", sums.reshape(n, m), W_enc.astype(acc_dtype)).astype(W_enc.dtype)
     grad_b = sums.reshape(n, m).astype(b_enc.dtype) if b_enc is not None else None
     grad_x = rows_grad(jnp.transpose(W_enc, (0, 2, 1)).reshape(n * m, d))  # jit drops it when unused
-    return (*_like_primals((grad_x.astype(x.dtype), grad_b_pre, grad_W, grad_b), (x, b_pre, W_enc, b_enc)), None)
+    grads = _like_primals((grad_x.astype(x.dtype), grad_b_pre, grad_W, grad_b), (x, b_pre, W_enc, b_enc))
+    return (*grads, None, None)
 
 
 _sparse_encode_topk.defvjp(_sparse_encode_topk_fwd, _sparse_encode_topk_bwd)
