@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from switchsae.core.backend import Backend
+from switchsae.backends.host_memory import keep_freed_cpu_memory
 from switchsae.core.spec import forward
 
 from . import compile as _compile
@@ -25,6 +26,8 @@ class JaxBackend(Backend):
     calls in `jax.default_matmul_precision("highest")` for full float32.  On GPU, XLA may run
     the encoder's `ragged_dot` as a zero-padded dense product: see `use_pallas_ragged_dot`.
     Multi-device placement: `switchsae.backends.jax.distributed.ExpertParallelBackend`.
+    On CPU, freed memory is kept for reuse (`switchsae.backends.host_memory`, process-wide;
+    $SWITCHSAE_KEEP_FREED_MEMORY=0 turns it off).
 
     dispatch_mode: "tiles", "ragged" or "auto" (None: $SWITCHSAE_JAX_DISPATCH, else "auto": ragged
     on TPU/GPU, tiles elsewhere); see `dispatch`."""
@@ -36,6 +39,8 @@ class JaxBackend(Backend):
 
     def __init__(self, dispatch_mode: str | None = None):
         self.dispatch_mode = choose_mode(dispatch_mode)
+        if jax.default_backend() == "cpu":
+            keep_freed_cpu_memory()  # XLA's CPU temporaries come from malloc: no page faults
         self._loss_and_grads = jax.jit(self._value_and_grad, static_argnums=(2,))
 
     # -- arrays ---------------------------------------------------------------------------
