@@ -137,7 +137,7 @@ class ExpertParallelBackend(JaxBackend):
                               f"({self.mesh.size})")
 
     def local_backend(self) -> JaxBackend:
-        return JaxBackend()
+        return JaxBackend(self.dispatch_mode)
 
     def place_batch(self, x, dtype=None):
         return shard_batch(self.asarray(x, dtype), self.mesh)
