@@ -27,8 +27,10 @@ STEPS, LR = 2, 1e-3
 
 def _run_worker(n_devices: int) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu")
+    # about a minute on an idle 2-core machine; the limit only catches a hung worker (a shared
+    # machine under heavy load took over 5 minutes)
     proc = subprocess.run([sys.executable, __file__, str(n_devices)], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
