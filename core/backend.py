@@ -175,6 +175,19 @@ class Backend:
         run did; as they are by default."""
         return arrays
 
+    def loss_and_row_grads(self, params: dict, x, cfg, dead_mask=None):
+        """`loss_and_grads` for lazy Adam: the gradients of the latent-row parameters
+        (`core.optim.LATENT_ROW_PARAMS`) may come as dense arrays (this default) or in a form of
+        the backend's own that only its `lazy_update` reads (e.g. the touched rows alone)."""
+        return self.loss_and_grads(params, x, cfg, dead_mask)
+
+    def lazy_update(self, params: dict, grads: dict, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """`update` with lazy Adam (`core.train_step.apply_lazy_update`) on the gradients of
+        `loss_and_row_grads`; may update in place like `update`.  -> (params, opt_state)."""
+        from .train_step import apply_lazy_update
+
+        return apply_lazy_update(self.xp, params, grads, opt_state, lr, max_grad_norm, betas)
+
     def compile_step(self, step_fn):
         """Wrap a pure train-step function for speed (jit); identity by default."""
         return step_fn
