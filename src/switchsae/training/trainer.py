@@ -181,7 +181,8 @@ class Trainer:
         log = self._open_log()
         history = read_metrics(log.path) if log else []
         step_fn = self.backend.compile_step(
-            functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm))
+            functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm,
+                              optimizer=tc.optimizer))
         pending = self._initialise(self._checked_batch(whole=True))[self.rows] if self.params is None else None
         bar = tqdm(total=tc.steps, initial=self.step, unit="step", disable=not (self.progress and self.is_main),
                    desc=f"switch sae ({self.backend.name})", dynamic_ncols=True)
