@@ -13,7 +13,9 @@ from typing import NamedTuple
 import array_api_compat.torch as torch_xp
 import torch
 from switchsae.core.constraints import DECODERS, NORM_EPS
-from switchsae.core.optim import CLIP_EPS, LATENT_ROW_PARAMS, AdamState, adam_rows
+from switchsae.core.optim import CLIP_EPS, LATENT_ROW_PARAMS, AdamState
+from torch.optim.adam import adam
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from .encode import latent_major
 from .optim import _in_layout_of, fused_update
@@ -65,6 +67,8 @@ class RowGradients:
                 total.index_add_(0, slot[part_ids], values.to(total.dtype))
             out[name] = total
             nonzero |= (total != 0) if total.ndim == 1 else (total != 0).any(1)
+        if bool(nonzero.all()):
+            return {name: Rows(ids, values) for name, values in out.items()}
         keep = torch.nonzero(nonzero).squeeze(1)
         return {name: Rows(ids[keep], values[keep]) for name, values in out.items()}
 
@@ -104,19 +108,22 @@ def lazy_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=1
     v.update(dense_state.v)
 
     views = {n: [latent_view(n, t[n]) for t in (params, m, v)] for n in latent}
-    W_dec_rows = views["W_dec"][0].index_select(0, ids)
+    rows = {n: [view.index_select(0, ids) for view in views[n]] for n in latent}  # p, m, v at the rows
     g = row_grads["W_dec"]
+    W_dec_rows = rows["W_dec"][0]
     g.sub_((g * W_dec_rows).sum(-1, keepdim=True) * W_dec_rows)  # core.constraints.remove_parallel_grad
-    step = state.step + 1
+    # Adam on the gathered rows: torch's (fused) kernel, as `fused_update` uses for dense tensors
+    device = ids.device
+    adam([rows[n][0] for n in latent], [row_grads[n] for n in latent], [rows[n][1] for n in latent],
+         [rows[n][2] for n in latent], [], [torch.tensor(float(state.step), device=device) for _ in latent],
+         fused=device.type in _get_fused_kernels_supported_devices(), amsgrad=False, beta1=betas[0],
+         beta2=betas[1], lr=float(lr), weight_decay=0.0, eps=eps, maximize=False)
     for n in latent:
-        rows = [W_dec_rows if n == "W_dec" else views[n][0].index_select(0, ids),
-                *(view.index_select(0, ids) for view in views[n][1:])]
-        new_p, new_m, new_v = adam_rows(rows[0], row_grads[n], rows[1], rows[2], step, lr, torch_xp, betas, eps)
         if n in DECODERS:  # renormalise the touched decoder rows
-            new_p = new_p / (torch.linalg.vector_norm(new_p, dim=-1, keepdim=True) + NORM_EPS)
-        for view, new in zip(views[n], (new_p, new_m, new_v)):
+            rows[n][0].div_(torch.linalg.vector_norm(rows[n][0], dim=-1, keepdim=True).add_(NORM_EPS))
+        for view, new in zip(views[n], rows[n]):
             view.index_copy_(0, ids, new)
-    return dict(params, **dense_params), AdamState(step, m, v)
+    return dict(params, **dense_params), AdamState(state.step + 1, m, v)
 
 
 def _as_rows(grads: dict) -> dict:
