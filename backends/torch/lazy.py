@@ -22,6 +22,9 @@ from .optim import _in_layout_of, fused_update
 from .sparse import compact
 
 
+ROW_BLOCK = 16384  # rows updated at a time: p, m, v of a block are ~75 MiB at d = 384
+
+
 class Rows(NamedTuple):
     """A latent-row parameter's gradient at some latents.  ids: (r,) int64 ascending latent ids;
     values: (r, d) (W_enc, W_dec) or (r,) (b_enc)."""
@@ -108,21 +111,25 @@ def lazy_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=1
     v.update(dense_state.v)
 
     views = {n: [latent_view(n, t[n]) for t in (params, m, v)] for n in latent}
-    rows = {n: [view.index_select(0, ids) for view in views[n]] for n in latent}  # p, m, v at the rows
+    W_dec_rows = views["W_dec"][0].index_select(0, ids)
     g = row_grads["W_dec"]
-    W_dec_rows = rows["W_dec"][0]
     g.sub_((g * W_dec_rows).sum(-1, keepdim=True) * W_dec_rows)  # core.constraints.remove_parallel_grad
-    # Adam on the gathered rows: torch's (fused) kernel, as `fused_update` uses for dense tensors
+    del W_dec_rows
     device = ids.device
-    adam([rows[n][0] for n in latent], [row_grads[n] for n in latent], [rows[n][1] for n in latent],
-         [rows[n][2] for n in latent], [], [torch.tensor(float(state.step), device=device) for _ in latent],
-         fused=device.type in _get_fused_kernels_supported_devices(), amsgrad=False, beta1=betas[0],
-         beta2=betas[1], lr=float(lr), weight_decay=0.0, eps=eps, maximize=False)
-    for n in latent:
-        if n in DECODERS:  # renormalise the touched decoder rows
-            rows[n][0].div_(torch.linalg.vector_norm(rows[n][0], dim=-1, keepdim=True).add_(NORM_EPS))
-        for view, new in zip(views[n], rows[n]):
-            view.index_copy_(0, ids, new)
+    fused = device.type in _get_fused_kernels_supported_devices()
+    for block in torch.arange(ids.shape[0], device=device).split(ROW_BLOCK):  # bounded temporaries
+        block_ids = ids[block]
+        rows = {n: [view.index_select(0, block_ids) for view in views[n]] for n in latent}  # p, m, v
+        # Adam on the gathered rows: torch's (fused) kernel, as `fused_update` uses for dense tensors
+        adam([rows[n][0] for n in latent], [row_grads[n][block] for n in latent], [rows[n][1] for n in latent],
+             [rows[n][2] for n in latent], [], [torch.tensor(float(state.step), device=device) for _ in latent],
+             fused=fused, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=float(lr), weight_decay=0.0,
+             eps=eps, maximize=False)
+        for n in latent:
+            if n in DECODERS:  # renormalise the touched decoder rows
+                rows[n][0].div_(torch.linalg.vector_norm(rows[n][0], dim=-1, keepdim=True).add_(NORM_EPS))
+            for view, new in zip(views[n], rows[n]):
+                view.index_copy_(0, block_ids, new)
     return dict(params, **dense_params), AdamState(state.step + 1, m, v)
 
 
