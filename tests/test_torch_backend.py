@@ -488,12 +488,13 @@ def test_lazy_train_step_allocates_no_dictionary_sized_gradient(optimizer):
     assert rows, "the recorder missed the (touched rows, d) gradients"
 
 
-def test_lazy_fast_path_equals_core_lazy_update():
-    """Three lazy steps through the row collection and the in-place row update equal core's
-    mask-based reference (apply_lazy_update) on the same torch float64 gradients, clipping active
-    (1e-2) and not; float64: only summation order differs."""
+def test_lazy_fast_path_equals_core_lazy_update(monkeypatch):
+    """Three lazy steps through the row collection and the in-place row update (in blocks of 5
+    rows, so several blocks) equal core's mask-based reference (apply_lazy_update) on the same
+    torch float64 gradients, clipping active (1e-2) and not; float64: only summation order differs."""
     from switchsae.core.train_step import apply_lazy_update
 
+    monkeypatch.setattr(lazy, "ROW_BLOCK", 5)
     cfg = SwitchSAEConfig(d_in=16, n_latents=128, n_experts=4, k=4, auxk_coef=0.5, k_aux=6,
                           encoder_bias=True, shared_latents=8, shared_k=1)
     rng = np.random.default_rng(12)

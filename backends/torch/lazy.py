@@ -64,10 +64,15 @@ class RowGradients:
         slot[ids] = torch.arange(ids.shape[0], device=device)
         out, nonzero = {}, torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         for name, p in self.params.items():
-            row_shape = p.shape[2:] if name == "W_dec" else p.shape[1:2] if name == "W_enc" else ()
-            total = p.new_zeros((ids.shape[0], *row_shape))
-            for part_ids, values in self.parts[name]:
-                total.index_add_(0, slot[part_ids], values.to(total.dtype))
+            parts = self.parts.pop(name)
+            if len(parts) == 1 and parts[0][0].shape == ids.shape:  # already over every id, in order
+                total = parts[0][1].to(p.dtype)
+            else:
+                row_shape = p.shape[2:] if name == "W_dec" else p.shape[1:2] if name == "W_enc" else ()
+                total = p.new_zeros((ids.shape[0], *row_shape))
+                for part_ids, values in parts:
+                    total.index_add_(0, slot[part_ids], values.to(total.dtype))
+            del parts
             out[name] = total
             nonzero |= (total != 0) if total.ndim == 1 else (total != 0).any(1)
         if bool(nonzero.all()):
@@ -111,17 +116,17 @@ def lazy_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=1
     v.update(dense_state.v)
 
     views = {n: [latent_view(n, t[n]) for t in (params, m, v)] for n in latent}
-    W_dec_rows = views["W_dec"][0].index_select(0, ids)
-    g = row_grads["W_dec"]
-    g.sub_((g * W_dec_rows).sum(-1, keepdim=True) * W_dec_rows)  # core.constraints.remove_parallel_grad
-    del W_dec_rows
     device = ids.device
     fused = device.type in _get_fused_kernels_supported_devices()
-    for block in torch.arange(ids.shape[0], device=device).split(ROW_BLOCK):  # bounded temporaries
+    for start in range(0, ids.shape[0], ROW_BLOCK):  # bounded temporaries
+        block = slice(start, start + ROW_BLOCK)
         block_ids = ids[block]
         rows = {n: [view.index_select(0, block_ids) for view in views[n]] for n in latent}  # p, m, v
+        g, w = row_grads["W_dec"][block], rows["W_dec"][0]  # core.constraints.remove_parallel_grad:
+        g.addcmul_(torch.linalg.vecdot(g, w)[:, None], w, value=-1.0)
         # Adam on the gathered rows: torch's (fused) kernel, as `fused_update` uses for dense tensors
-        adam([rows[n][0] for n in latent], [row_grads[n][block] for n in latent], [rows[n][1] for n in latent],
+        adam([rows[n][0] for n in latent], [g if n == "W_dec" else row_grads[n][block] for n in latent],
+             [rows[n][1] for n in latent],
              [rows[n][2] for n in latent], [], [torch.tensor(float(state.step), device=device) for _ in latent],
              fused=fused, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=float(lr), weight_decay=0.0,
              eps=eps, maximize=False)
