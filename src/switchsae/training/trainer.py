@@ -348,6 +348,8 @@ def check_config(cfg: SwitchSAEConfig, tc: TrainConfig, backend) -> None:
                           "dtype='float16' (switchsae eval --dtype float16) for inference")
     check_fits_in_memory(cfg, copies=3, what="training (parameters and Adam's two moments)")
     backend.check_partition(cfg, tc.batch_size)  # parallel: equal batch slices, whole experts
+    if tc.optimizer == "lazy_adam" and backend.parallel:  # its row gradients are one process's
+        raise ConfigError(f"optimizer 'lazy_adam' runs on one process; use 'adam' with {backend.describe_parallel()}")
 
 
 def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None:
