@@ -18,9 +18,7 @@ def init_params(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     d, n, m = cfg.d_in, cfg.n_experts, cfg.expert_width
     dtype = np.dtype("float32" if cfg.dtype == "bfloat16" else cfg.dtype)
     bound = 1.0 / np.sqrt(d)
-    # W_enc (n, d, m) stored latent-major (each latent's d weights contiguous): the layout the torch
-    # backend trains in, so it never copies the dictionary to change it
-    W_enc, W_dec = np.empty((n, m, d), dtype).transpose(0, 2, 1), np.empty((n, m, d), dtype)
+    W_enc, W_dec = np.empty((n, d, m), dtype), np.empty((n, m, d), dtype)
     for e in range(n):  # the draws of one (n, d, m) array, in the same order
         W_enc[e], W_dec[e] = _tied_pair(rng, bound, d, m)
     params = {

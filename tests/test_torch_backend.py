@@ -28,7 +28,7 @@ from switchsae.backends.torch import dispatch, lazy, optim, sparse
 from switchsae.backends.torch import topk as torch_topk
 from switchsae.backends.torch.decode import SparseDecode
 from switchsae.backends.torch.device import DeviceError, select_device
-from switchsae.backends.torch.encode import ExpertEncode, encode_topk
+from switchsae.backends.torch.encode import ExpertEncode, encode_topk, latent_major
 from switchsae.conformance import harness as H
 from switchsae.conformance.cases import build
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
@@ -383,6 +383,14 @@ def test_latent_major_encoder_changes_layout_not_values():
         assert_fast(grads_a[n], grads_b[n], f"grad {n}", 1e-12)
 
 
+def test_latent_major_rearranges_a_contiguous_encoder_in_place():
+    W = torch.randn(3, 5, 4, dtype=torch.float64)
+    want = W.clone()
+    got = latent_major(W)
+    assert got.data_ptr() == W.data_ptr() and got.transpose(1, 2).is_contiguous()
+    assert torch.equal(got, want) and latent_major(got) is got
+
+
 def test_update_is_in_place():
     cfg = SwitchSAEConfig(d_in=8, n_latents=16, n_experts=2, k=2)
     params = {n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()}
@@ -466,19 +474,20 @@ def test_allocation_check_catches_the_dense_reference_encoder():
 
 @pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
 def test_lazy_train_step_allocates_no_dictionary_sized_gradient(optimizer):
-    """A lazy-Adam torch step (the second: the first settles W_enc's layout) allocates nothing of
-    (M, d) size: the latent-row gradients come as the touched rows (at most batch * (k + k_aux)
-    = 192 < M / 2 here).  The dense step, recorded the same way, allocates its (N, m, d)
-    gradients: the check can fail."""
+    """Lazy-Adam torch steps (the first, which makes W_enc latent-major in place, and the next)
+    allocate nothing of (M, d) size: the latent-row gradients come as the touched rows (at most
+    batch * (k + k_aux) = 192 < M / 2 here).  The dense step, recorded the same way, allocates
+    its (N, m, d) gradients: the check can fail."""
     cfg = SwitchSAEConfig(d_in=64, n_latents=512, n_experts=8, k=4, auxk_coef=1 / 32, k_aux=4,
                           encoder_bias=True)
     params = {n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()}
     x = be.asarray(np.random.default_rng(6).normal(size=(24, cfg.d_in)), "float32")
     dead = be.asarray(np.random.default_rng(7).random(cfg.total_latents) < 0.5)
     state = adam_init(params, be.xp)
-    params, state, _ = train_step(be, cfg, params, state, x, 1e-3, dead, optimizer=optimizer)
     with AllocationRecorder() as rec:
-        train_step(be, cfg, params, state, x, 1e-3, dead, optimizer=optimizer)
+        for _ in range(2):
+            params, state, _ = train_step(be, cfg, params, state, x, 1e-3, dead, optimizer=optimizer)
+    assert params["W_enc"].transpose(1, 2).is_contiguous()
     big = [s for s in rec.allocated if np.prod(s, dtype=np.int64) >= cfg.n_latents * cfg.d_in // 2]
     if optimizer == "adam":
         assert (cfg.n_latents, cfg.d_in) in big, "the recorder missed the dense (M, d) gradients"

@@ -46,8 +46,7 @@ class TorchBackend(Backend):
             a = np.asarray(a)
             if a.dtype.kind not in "biuf":
                 raise TypeError(f"cannot make a torch tensor from a NumPy array of dtype {a.dtype}")
-            # positive strides are kept (a latent-major W_enc stays so, shared, not copied)
-            a = torch.from_numpy(a if all(s >= 0 for s in a.strides) and a.flags.aligned else np.ascontiguousarray(a))
+            a = torch.from_numpy(np.ascontiguousarray(a))
         return a.to(device=self.device, dtype=target)
 
     def to_numpy(self, a):

@@ -183,16 +183,27 @@ def _latent_sums(pattern: Pattern, values):
 
 def _latent_sum_product(pattern: Pattern, values, W_enc):
     """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows."""
-    table = _latent_rows(W_enc)
-    sums = _latent_sums(pattern, values)
-    return (sums @ table.to(sums.dtype)).to(table.dtype)
+    n, d, m = W_enc.shape
+    sums = _latent_sums(pattern, values)  # W_enc[e] @ sums[e], summed: any layout, no (N*m, d) table
+    return torch.bmm(W_enc.to(sums.dtype), sums.view(n, m, 1)).sum(0).view(d).to(W_enc.dtype)
 
 
 def latent_major(W_enc: torch.Tensor) -> torch.Tensor:
     """W_enc (N, d, m) stored with each latent's d weights contiguous (strides (d*m, 1, d)), the
-    layout whose sparse backward needs no transposes; W_enc itself when it already is."""
+    layout whose sparse backward needs no transposes; W_enc itself when it already is.  A
+    contiguous W_enc is rearranged IN PLACE, expert by expert (its storage is reused: the tensor
+    passed in then holds the rearranged numbers), so the dictionary is never copied whole."""
     rows = W_enc.transpose(1, 2)
-    return W_enc if rows.is_contiguous() else rows.contiguous().transpose(1, 2)
+    if rows.is_contiguous():
+        return W_enc
+    if not W_enc.is_contiguous():
+        return rows.contiguous().transpose(1, 2)
+    n, d, m = W_enc.shape
+    flat = W_enc.view(n, d * m)
+    with torch.no_grad():
+        for e in range(n):  # one (d, m) block at a time through a small buffer
+            flat[e].copy_(W_enc[e].t().contiguous().view(-1))
+    return W_enc.as_strided((n, d, m), (d * m, 1, d))
 
 
 def encode(x_centered, W_enc, b_enc, expert):
