@@ -50,11 +50,10 @@ class ExpertEncodeTopK(torch.autograd.Function):
     """(x (T, d), b_pre (d,), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts,
     dead (N, m) bool or None, aux_k) -> acts (T, m) = relu((x - b_pre) @ W_enc[expert]
     (+ b_enc[expert])) (None without keep_acts), values (T, k), indices (T, k) = TopK of acts
-    (spec tie rule), and with a dead mask AuxK's aux_values, aux_indices (T, j) (`dead_topk`),
-    else None, None."""
+    (spec tie rule), and with a dead mask also AuxK's aux_values, aux_indices (T, j) (`dead_topk`)."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k, sink):
+    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead=None, aux_k=0, sink=None):
         routing = route(expert, W_enc.shape[0])
         perm = routing.perm
         x_sorted, expert_sorted = sort_rows(x, perm) - b_pre, sort_rows(expert, perm)
@@ -73,10 +72,12 @@ class ExpertEncodeTopK(torch.autograd.Function):
         ctx.save_for_backward(x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted)
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        return acts, unsort_rows(values_sorted[:, :k], perm), indices, aux_values, aux_indices
+        main = acts, unsort_rows(values_sorted[:, :k], perm), indices
+        return main if dead is None else (*main, aux_values, aux_indices)
 
     @staticmethod
-    def backward(ctx, grad_acts, grad_values, _, grad_aux, __):
+    def backward(ctx, grad_acts, grad_values, _, *aux_grads):
+        grad_aux = aux_grads[0] if aux_grads else None
         x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad[:4]
         n, _, m = W_enc.shape
@@ -223,4 +224,5 @@ def encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int, ke
     with one sparse backward.  dead: (N, m) bool or None (no AuxK) -> acts, values, indices,
     aux_values, aux_indices (T, j) (None without AuxK).  sink: a `lazy.RowGradients` that takes
     W_enc's and b_enc's gradients (they then need none from autograd), or None."""
-    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k, sink)
+    out = ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k, sink)
+    return out if dead is not None else (*out, None, None)
