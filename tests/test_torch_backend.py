@@ -465,7 +465,8 @@ def test_allocation_check_catches_the_dense_reference_encoder():
 
     class DenseEncode(TorchBackend):
         encode = ReferenceHooks.encode
-        encode_topk = ReferenceHooks.encode_topk  # the standard-ops hook, calling encode above
+        encode_topk = ReferenceHooks.encode_topk  # the standard-ops hooks, calling encode above
+        encode_topk_aux = ReferenceHooks.encode_topk_aux
 
     cfg = SwitchSAEConfig(d_in=16, n_latents=512, n_experts=8, k=4)
     shapes = _step_shapes(DenseEncode(), cfg, 256, use_update=True)
