@@ -62,7 +62,7 @@ def _default_out(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Build the site for parsed `args`; -> exit status."""
     from switchsae import get_backend
-    from switchsae.checkpoint import load
+    from switchsae.interop import load
     from switchsae.data import DEFAULT_LAYER, DataError, read_texts
 
     from .collect import collect
