@@ -69,7 +69,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: SwitchSAEConfig, train_cfg: TrainConfig, source, backend=None, *,
-                 data_spec: dict | None = None, progress: bool = True):
+                 data_spec: dict | None = None, progress: bool = True, on_record=None):
+        self.on_record = on_record  # called with each metrics line (e.g. tracking.WandbTracker.log)
         self.backend = get_backend(backend) if backend is None or isinstance(backend, str) else backend
         _check_setup(cfg, train_cfg, source, self.backend)
         self.cfg, self.tc, self.source = cfg, train_cfg, source
@@ -85,7 +86,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod
-    def resume(cls, path, source, backend=None, *, progress: bool = True) -> Trainer:
+    def resume(cls, path, source, backend=None, *, progress: bool = True, on_record=None) -> Trainer:
         """Continue from a checkpoint (or a run directory's newest).  `source` must be built
         like the original one; its position is restored from the checkpoint."""
         ckpt = ckpt_io.read_checkpoint(path)
@@ -95,7 +96,8 @@ class Trainer:
         tc = TrainConfig.from_dict(state["train_config"])
         if ckpt.path.parent.name == ckpt_io.CHECKPOINTS_DIR:  # a run directory, possibly moved
             tc = tc.replace(out_dir=str(ckpt.path.parent.parent))
-        trainer = cls(ckpt.cfg, tc, source, backend, data_spec=state.get("data_spec"), progress=progress)
+        trainer = cls(ckpt.cfg, tc, source, backend, data_spec=state.get("data_spec"), progress=progress,
+                      on_record=on_record)
         trainer._restore(ckpt, state)
         return trainer
 
@@ -158,6 +160,8 @@ class Trainer:
                     history.append(record)
                     if log:
                         log.append(record)
+                    if self.on_record and self.is_main:
+                        self.on_record(record)
                     bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
                                     dead=f"{record['dead_fraction']:.2f}", lb=f"{record['loss_lb']:.3f}",
                                     tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
