@@ -79,8 +79,9 @@ class SwitchSAE:
 
     def decode(self, top_values, top_indices):
         """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in).
-        Ids from n_latents on are the shared expert's."""
+        Ids from n_latents on are the shared expert's.  NumPy or native arrays."""
         xp, cfg = self.backend.xp, self.cfg
+        top_values, top_indices = self.backend.asarray(top_values, cfg.dtype), self.backend.asarray(top_indices)
         table = xp.reshape(self.params["W_dec"], (cfg.n_latents, cfg.d_in))
         if not cfg.shared_latents:
             return self.backend.decode(top_values, top_indices, table) + self.params["b_pre"]
