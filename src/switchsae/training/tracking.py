@@ -39,3 +39,6 @@ class WandbTracker:
         if summary:
             self.run.summary.update(summary)
         self.run.finish()
+        import wandb
+
+        wandb.teardown()  # stop wandb's service: everything logged is on disk when this returns
