@@ -129,10 +129,12 @@ def _from_dataset(ds, text_column: str, where: str) -> list[str]:
         raise DataError(f"{where} has no column {text_column!r} (columns: {columns}); pick one with --text-column")
     texts = []
     try:
-        for n, row in enumerate(ds):
+        for n, row in enumerate(ds, 1):  # rows counted from 1, as lines of a file
             if text_column not in row:
                 raise DataError(f"{where} row {n} has no column {text_column!r} (columns: {sorted(row)})")
             value = row[text_column]
+            if value is None:
+                raise DataError(f"{where} row {n} has no {text_column!r} value")
             if not isinstance(value, str):
                 raise DataError(f"{where} row {n}: column {text_column!r} holds {type(value).__name__}, not text")
             if value.strip():
