@@ -166,3 +166,14 @@ def test_decode_takes_numpy_on_every_backend():
         be = sae.backend
         x_hat = be.to_numpy(sae.decode(be.to_numpy(values), be.to_numpy(ids)))
         np.testing.assert_array_equal(x_hat, be.to_numpy(sae.forward(x).x_hat))
+
+
+def test_feature_browser_corpus_aligns_windows_with_tokens(gpt2):
+    from switchsae.inspect import collect
+
+    long = " ".join(f"w{i}" for i in range(60))
+    corpus = collect(gpt2, [long, "short one"], layer=1, max_length=16, skip_special_tokens=True,
+                     progress=False)
+    first = [t for t, d in zip(corpus.tokens, corpus.doc) if d == 0]
+    assert "".join(first) == long  # every window's tokens, in order, rebuild the document
+    assert corpus.acts.shape == (len(corpus.tokens), WIDTH)

@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
                         "--text FILE (with --model / --layer of the model that made them)")
     model = args.model or spec.get("model")
     layer = args.layer if args.layer is not None else spec.get("layer", DEFAULT_LAYER)
-    corpus = collect(model, read_texts(text) if text else None, layer, max_texts=args.max_texts,
-                     max_tokens=args.max_tokens, progress=not args.no_progress)
+    how = {} if args.text else {k: spec[k] for k in ("text_column", "one_per_line") if k in spec}
+    corpus = collect(model, read_texts(text, **how) if text else None, layer, max_texts=args.max_texts,
+                     max_tokens=args.max_tokens, max_length=spec.get("max_length", 128),
+                     progress=not args.no_progress)
     source = f"{text or 'Python docs (pydoc_data.topics)'} through {model or 'MiniLM-L6'} layer {layer}"
     out = Path(args.out) if args.out else _default_out(Path(args.checkpoint))
     index = build_site(sae, corpus, out, n_contexts=args.contexts, n_neighbours=args.neighbours,
