@@ -177,3 +177,15 @@ def test_feature_browser_corpus_aligns_windows_with_tokens(gpt2):
     first = [t for t, d in zip(corpus.tokens, corpus.doc) if d == 0]
     assert "".join(first) == long  # every window's tokens, in order, rebuild the document
     assert corpus.acts.shape == (len(corpus.tokens), WIDTH)
+
+
+def test_device_errors_are_clear():
+    from switchsae.data.models import resolve_device
+
+    import torch
+
+    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DataError, match="not a torch device"):
+        resolve_device("gpu0")
+    with pytest.raises(DataError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")

@@ -247,16 +247,16 @@ def _train(args, backend) -> int:
         spec = DataSpec.from_dict(state["data_spec"])
         tc = state["train_config"]
         train_src, eval_src, eval_label = sources(spec, tc["batch_size"], tc["seed"])
-        tracker = _tracker(args, args.resume, {"data_spec": state["data_spec"], **tc}) if main else None
-        trainer = Trainer.resume(args.resume, train_src, backend, progress=progress,
-                                 on_record=tracker and tracker.log)
+        trainer = Trainer.resume(args.resume, train_src, backend, progress=progress)
+        tracked = {"data_spec": state["data_spec"], **tc}
     else:
         spec, cfg, tc = _new_run(args)
         train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
-        tracker = _tracker(args, tc.out_dir, {"data_spec": spec.to_dict(), **cfg.to_dict(), **tc.to_dict()}) \
-            if main else None
-        trainer = Trainer(cfg, tc, train_src, backend, data_spec=spec.to_dict(), progress=progress,
-                          on_record=tracker and tracker.log)
+        trainer = Trainer(cfg, tc, train_src, backend, data_spec=spec.to_dict(), progress=progress)
+        tracked = {"data_spec": spec.to_dict(), **cfg.to_dict(), **tc.to_dict()}
+    tracker = _tracker(args, trainer.out_dir, tracked) if main else None  # once the set-up is valid
+    if tracker:
+        trainer.on_record = tracker.log
     if main:
         where = f" ({backend.describe_parallel()})" if backend.parallel else ""
         print(f"training {trainer.cfg.n_experts} experts x {trainer.cfg.expert_width} latents, k={trainer.cfg.k}, "

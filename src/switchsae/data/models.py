@@ -67,9 +67,11 @@ def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        where = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise DataError(f"device {device!r} is not a torch device: {e}") from e
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise DataError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -165,7 +165,9 @@ class LayerSplice:
 
 
 def _as_function(reconstruct) -> Callable[[np.ndarray], np.ndarray]:
-    if hasattr(reconstruct, "forward") and hasattr(reconstruct, "backend"):  # a SwitchSAE
+    from switchsae.model import SwitchSAE
+
+    if isinstance(reconstruct, SwitchSAE):
         sae = reconstruct
         return lambda x: sae.backend.to_numpy(sae.forward(x).x_hat)
     if not callable(reconstruct):

@@ -27,6 +27,8 @@ def export(sae, out, format: str = "saelens", metadata: dict | None = None) -> P
     """Write `sae` (a SwitchSAE, or a path `switchsae.load` reads) to the new directory `out`
     for `format` ("saelens" or "sparsify"); returns `out`.  metadata: extra SAELens metadata
     (e.g. {"model_name": ..., "hook_name": ...}).  `out` must not exist or be empty."""
+    from switchsae.model import SwitchSAE
+
     from . import load
 
     if format not in FORMATS:
@@ -36,7 +38,7 @@ def export(sae, out, format: str = "saelens", metadata: dict | None = None) -> P
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise InteropError(f"{out} already exists; export writes a new directory (remove it or pick another)")
-    if not hasattr(sae, "numpy_params"):
+    if not isinstance(sae, SwitchSAE):
         sae = load(sae, backend="numpy")
     cfg, params = sae.cfg, sae.numpy_params()
     if format == "sparsify":
@@ -45,5 +47,4 @@ def export(sae, out, format: str = "saelens", metadata: dict | None = None) -> P
         weights, config = saelens.tensors(cfg, params), saelens.cfg_json(cfg, metadata or {})
         name = saelens.WEIGHTS_FILE
     files = {CFG_FILE: (json.dumps(config, indent=1) + "\n").encode(), name: safetensors_bytes(weights)}
-    return write_dir_atomically(out, files,
-                                overwrite=False)
+    return write_dir_atomically(out, files, overwrite=False)
