@@ -77,10 +77,6 @@ class Fields:
         value = self._get(name, default, lambda v: isinstance(v, dict), "a JSON object")
         return None if value is None else Fields(value, f"{self.path} {name}")
 
-    def number(self, name: str, default=None):
-        return self._get(name, default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                         and np.isfinite(v), "a finite number")
-
 
 def read_tensors(path: Path, ranks: dict, optional: dict | None = None) -> dict:
     """The tensors of a safetensors file as float64, checked: exactly the names of `ranks`

@@ -31,7 +31,7 @@ import numpy as np
 
 from switchsae.core.config import ConfigError, SwitchSAEConfig
 
-from .fields import InteropError, check_shapes, read_cfg, read_tensors
+from .fields import check_shapes, read_cfg, read_tensors
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 SWITCH_ARCHITECTURE = "switch"
