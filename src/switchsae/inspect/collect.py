@@ -1,8 +1,8 @@
 """Token-aware activation collection: harvested activations plus the text of every token.
 
 The activations come from :func:`switchsae.data.harvest.harvest` (the training data's
-source, rows in text order); the tokens from the same model's tokenizer with the same
-truncation, so row ``i`` of the activations is token ``i``.
+source, rows in text order); the tokens from the same model's tokenizer in the same windows
+(`switchsae.data.models.tokenize`), so row ``i`` of the activations is token ``i``.
 """
 
 from __future__ import annotations
