@@ -13,8 +13,9 @@ import os
 import sys
 import time
 
-from switchsae.backends import installed_backends, load_backend
+from switchsae.backends import BackendError, installed_backends, load_backend
 from switchsae.files import atomic_write_json
+from switchsae.validation import OneLineParser
 
 from .machine import describe
 from .plots import plot
@@ -22,7 +23,7 @@ from .run import GRIDS, run_backend
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="switchsae bench", description=__doc__.splitlines()[0],
+    parser = OneLineParser(prog="switchsae bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--backends", default=",".join(installed_backends()),
@@ -43,7 +44,10 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    backends = [load_backend(name) for name in args.backends.split(",") if name]
+    try:
+        backends = [load_backend(name) for name in args.backends.split(",") if name]
+    except BackendError as e:
+        parser.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     results = []

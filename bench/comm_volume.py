@@ -2,6 +2,8 @@
 
     python -m switchsae.bench.comm_volume                 # the model at d 768, N 16, R 8, 4096/rank
     python -m switchsae.bench.comm_volume --measure       # + measured on 2 gloo processes
+    python -m switchsae.bench.comm_volume --scale         # bytes per process and per step, 2^20..2^30 latents
+    python -m switchsae.bench.comm_volume --scale --check-log2-m 17   # + 2 gloo processes at 2^17
 
 The model (`core.parallel.exchange_bytes`) counts the bytes each rank receives from the others per
 training step, forward and backward.  --measure trains a few steps on 2 local gloo processes (CPU,
@@ -21,9 +23,104 @@ import socket
 import time
 
 import numpy as np
-from switchsae.core.parallel import exchange_bytes
+from switchsae.core.parallel import exchange_bytes, gradient_sum_bytes, process_bytes
 
 LABELS = ("routing", "counts", "dispatch", "combine", "meta", "combine_backward", "dispatch_backward")
+# the scale table: GPT-2 small's d, experts of 2048 latents, k 32, 4096 tokens per process
+SCALE = {"d": 768, "width": 2048, "k": 32, "batch": 4096, "log2_m": (20, 24, 30), "world": (8, 64, 512)}
+
+
+def scale_config(log2_m: int, d: int = SCALE["d"], width: int = SCALE["width"], k: int = SCALE["k"]):
+    from switchsae.core import SwitchSAEConfig
+
+    return SwitchSAEConfig(d_in=d, n_latents=2**log2_m, n_experts=2**log2_m // width, k=k)
+
+
+def scale_row(cfg, world: int, batch: int = SCALE["batch"]) -> dict:
+    """The model's bytes for one process of an expert-parallel run (float32, AuxK on, balanced
+    routing): what it holds, what it receives per step (token exchange, all_to_all; gradient
+    sum of the replicated parameters)."""
+    held = process_bytes(cfg, world)
+    return {**held, "exchange": exchange_bytes("all_to_all", batch, cfg.d_in, cfg.routed_k, world, auxk=True,
+                                               n_experts=cfg.n_experts)["total"],
+            "gradient_sum": gradient_sum_bytes(cfg, world)}
+
+
+def scale_table() -> str:
+    """The README's markdown table of `scale_row` over SCALE."""
+    lines = ["| latents M | experts N | processes R | experts' params / process | replicated params | "
+             "held / process (params, grads, Adam m, v) | token exchange / step | gradient sum / step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for log2_m in SCALE["log2_m"]:
+        cfg = scale_config(log2_m)
+        for world in SCALE["world"]:
+            r = scale_row(cfg, world)
+            lines.append(f"| 2^{log2_m} | {cfg.n_experts:,} | {world} | {_gb(r['expert_params'])} | "
+                         f"{_gb(r['replicated_params'])} | {_gb(r['total'])} | {_gb(r['exchange'])} | "
+                         f"{_gb(r['gradient_sum'])} |")
+    return "\n".join(lines)
+
+
+def _gb(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def _scale_worker(rank: int, world: int, port: int, log2_m: int, result_path: str) -> None:
+    """One AuxK-on expert-parallel train step at 2^log2_m latents: the bytes this rank holds
+    (parameters, gradients, moments) and received (by collective label)."""
+    import torch
+    import torch.distributed as dist
+    from switchsae.backends.torch.distributed import parallel_backend, shutdown
+    from switchsae.core import adam_init, init_params, train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = scale_config(log2_m).replace(auxk_coef=1 / 32)
+    be = parallel_backend("expert", device="cpu")
+    params = be.shard_params({n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()})
+    opt = adam_init(params, be.xp)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(world * SCALE["batch"], cfg.d_in)).astype(np.float32)
+    dead = torch.as_tensor(rng.random(cfg.total_latents) < 0.1)
+    local = be.asarray(x[be.batch_rows(x.shape[0])])
+    _, grads = be.loss_and_grads(params, local, cfg, dead)
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads.values())
+    del grads
+    before = dict(be.comm.received)
+    params, opt, _ = train_step(be, cfg, params, opt, local, 1e-3, dead)
+    counted = {k: be.comm.received[k] - before.get(k, 0) for k in be.comm.received}
+
+    def nbytes(arrays):
+        return sum(a.numel() * a.element_size() for a in arrays.values())
+
+    report = {"held": nbytes(params) + grad_bytes + nbytes(opt.m) + nbytes(opt.v), "counted": counted}
+    pieces = [None] * world
+    dist.all_gather_object(pieces, report)
+    if rank == 0:
+        with open(result_path, "w") as f:
+            json.dump(pieces, f)
+    shutdown()
+
+
+def check_scale(log2_m: int) -> list:
+    """Run `_scale_worker` on 2 gloo processes; -> each rank's report."""
+    return _spawn(_scale_worker, log2_m)
+
+
+def _spawn(worker, arg):
+    """worker(rank, 2, port, arg, result_path) on 2 local processes; -> what rank 0 wrote there."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "report.json")
+        mp.spawn(worker, args=(2, port, arg, path), nprocs=2, join=True)
+        with open(path) as f:
+            return json.load(f)
 
 
 def model_table(d: int, n_experts: int, world: int, batch: int, k: int, itemsize: int = 4) -> dict:
@@ -98,18 +195,7 @@ def _worker(rank: int, world: int, port: int, args, result_path: str) -> None:
 
 def measure(args) -> dict:
     """Spawn 2 gloo processes, train `steps` steps with each exchange; -> the report."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "report.json")
-        mp.spawn(_worker, args=(2, port, args, path), nprocs=2, join=True)
-        with open(path) as f:
-            return json.load(f)
+    return _spawn(_worker, args)
 
 
 def _mb(b) -> str:
@@ -127,7 +213,25 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=128, help="latents per expert for the measurement")
     p.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up)")
     p.add_argument("--auxk", action="store_true", help="measure with AuxK on (reconstructions are 2d wide)")
+    p.add_argument("--scale", action="store_true",
+                   help="print the table of bytes per process and per step for 2^20, 2^24, 2^30 latents")
+    p.add_argument("--check-log2-m", type=int, metavar="L",
+                   help="with --scale: check the model on 2 gloo processes at 2^L latents")
     args = p.parse_args(argv)
+    if args.scale:
+        print(f"model (core.parallel): expert parallel, d={SCALE['d']}, m={SCALE['width']} latents per expert, "
+              f"k={SCALE['k']}, {SCALE['batch']} tokens per process, float32, AuxK on, balanced routing")
+        print(scale_table())
+        if args.check_log2_m:
+            cfg = scale_config(args.check_log2_m)
+            row, got = scale_row(cfg, 2), check_scale(args.check_log2_m)
+            print(f"\n2 gloo processes at 2^{args.check_log2_m} latents (N={cfg.n_experts}), one step, per rank:")
+            for r, piece in enumerate(got):
+                exchange = sum(piece["counted"].get(k, 0) for k in LABELS)
+                print(f"  rank {r}: held {piece['held']:,} B (model {row['total']:,}); token exchange "
+                      f"{exchange:,} B (model, balanced routing, {row['exchange']:,}); gradient sum "
+                      f"{piece['counted'].get('grads', 0):,} B (model {row['gradient_sum']:,})")
+        return 0
 
     print(f"model: bytes received per rank per step (forward + backward), d={args.d}, N={args.experts}, "
           f"R={args.world}, {args.batch} tokens/rank, k={args.k}, float32, balanced routing")

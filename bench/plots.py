@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from switchsae.files import atomic_write  # noqa: E402
+from switchsae.plots import pyplot, save_png
 
 
 def _line_plot(path, series, xlabel, ylabel, title):
     """series: [(label, xs, ys)] -> a log-log PNG at path."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for label, xs, ys in series:
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     if series:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return str(save_png(fig, path))
 
 
 def plot(record: dict, out_dir) -> list[str]:

@@ -153,6 +153,12 @@ class Backend:
 
         return apply_update(self.xp, params, grads, opt_state, lr, max_grad_norm, betas)
 
+    def training_layout(self, arrays: dict) -> dict:
+        """Parameters (or Adam moments, keyed alike) in the memory layout `update` keeps them
+        in, so that a run restored from a checkpoint computes every step exactly as the live
+        run did; as they are by default."""
+        return arrays
+
     def compile_step(self, step_fn):
         """Wrap a pure train-step function for speed (jit); identity by default."""
         return step_fn

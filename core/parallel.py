@@ -96,7 +96,31 @@ class BatchStatistics:
         return self.all_sum(L.total_variance(x, xp) + spread) / self.world
 
 
-# -- communication model --------------------------------------------------------------------
+# -- memory and communication model -----------------------------------------------------------
+def process_bytes(cfg, world: int, itemsize: int = 4) -> dict:
+    """Bytes each of `world` expert-parallel processes holds for the model: its experts' rows of
+    `EXPERT_SHARDED` and the replicated parameters (router, b_pre, shared expert), and in all
+    ("total") each of them four times: parameter, gradient and Adam's two moments.  itemsize:
+    bytes per float (activations and temporaries are not counted)."""
+    expert = replicated = 0
+    for name, shape in cfg.param_shapes().items():
+        n = 1
+        for s in shape:
+            n *= s
+        if name in EXPERT_SHARDED:
+            expert += n // world
+        else:
+            replicated += n
+    return {"expert_params": expert * itemsize, "replicated_params": replicated * itemsize,
+            "total": 4 * (expert + replicated) * itemsize}
+
+
+def gradient_sum_bytes(cfg, world: int, itemsize: int = 4) -> int:
+    """Bytes each process receives per step summing the replicated parameters' gradients over
+    the processes (a ring all-reduce of c bytes receives 2 (R - 1) / R c)."""
+    return round(2 * (world - 1) / world * process_bytes(cfg, world, itemsize)["replicated_params"])
+
+
 def exchange_bytes(scheme: str, batch: int, d: int, k: int, world: int, itemsize: int = 4,
                    auxk: bool = False, n_experts: int = 1, remote_fraction: float | None = None) -> dict:
     """Bytes each rank receives from the other ranks per training step for the token exchange of

@@ -8,6 +8,9 @@ For x: (batch, d), with m = M / N latents per expert and e = experts_per_token (
   4. x_hat = sum top_values * W_dec[ids] (+ the shared expert's own TopK decode) + b_pre
 Loss = mse + lb_coef * N * sum_i f_i P_i (+ auxk_coef * AuxK when a dead mask is given).
 With e = 1 the gate is a positive scalar per token, so step 3 is TopK of a_j scaled by p[e].
+Steps 2-4's per-expert work (`run_experts`) runs through the backend's `dispatch` hook, and
+f_i and AuxK's total variance come from `backend.batch_statistics()`: a backend that splits the
+batch or the experts over processes supplies those and nothing else (see `trace`).
 """
 
 from __future__ import annotations
@@ -137,14 +140,9 @@ def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> En
     None where nothing else needs them."""
     xp = backend.xp
     probs, experts, gates = route(params, x, cfg, backend)
-    acts, top_values, cand_indices = encode_experts(params, x, gates, experts, cfg, backend, keep_intermediates)
-    top_indices = global_ids(cand_indices, experts, cfg.expert_width, xp)
-    x_centered = x - params["b_pre"] if keep_intermediates or cfg.shared_latents else None
-    shared_pre = shared_indices = None
-    if cfg.shared_latents:
-        shared_pre, shared_values, shared_indices = shared_encode(params, x_centered, cfg, backend)
-        top_values = xp.concat([top_values, shared_values], axis=-1)
-        top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
+    acts, values, cand_indices = encode_experts(params, x, gates, experts, cfg, backend, keep_intermediates)
+    x_centered, top_values, top_indices, shared_pre, _, shared_indices = _with_shared(
+        params, x, values, cand_indices, experts, cfg, backend, keep_intermediates)
     return Encoding(probs, experts, gates, x_centered, acts, cand_indices,
                     top_values, top_indices, shared_pre, shared_indices)
 
@@ -168,14 +166,10 @@ def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: boo
         return run_experts(params, x_rows, gate_rows, expert_rows, dead_rows, cfg, backend, keep_intermediates)
 
     ex = backend.dispatch(run, x, gates, experts, dead, cfg.n_experts)
-    top_values, top_indices = ex.values, global_ids(ex.cand_indices, experts, cfg.expert_width, xp)
+    x_centered, top_values, top_indices, shared_pre, shared_values, shared_indices = _with_shared(
+        params, x, ex.values, ex.cand_indices, experts, cfg, backend, keep_intermediates)
     x_hat = ex.recon + params["b_pre"]
-    x_centered = x - params["b_pre"] if keep_intermediates or cfg.shared_latents else None
-    shared_pre = shared_indices = None
     if cfg.shared_latents:
-        shared_pre, shared_values, shared_indices = shared_encode(params, x_centered, cfg, backend)
-        top_values = xp.concat([top_values, shared_values], axis=-1)
-        top_indices = xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1)
         x_hat = x_hat + backend.decode(shared_values, shared_indices, params["W_dec_shared"])
 
     stats = backend.batch_statistics()
@@ -195,6 +189,21 @@ def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: boo
                         {"mse": mse, "lb": lb, "auxk": auxk, "total": total})
     return Trace(out, x_centered, experts, gates, ex.acts, ex.cand_indices, ex.aux_cand_indices,
                  ex.aux_recon, n_dead, shared_pre, shared_indices)
+
+
+def _with_shared(params, x, values, cand_indices, experts, cfg, backend, keep_intermediates):
+    """The routed experts' kept values and global ids, with the shared expert's TopK appended.
+    -> (x_centered or None, top_values, top_indices: (batch, k), shared_pre, shared_values,
+    shared_indices (None without a shared expert))."""
+    xp = backend.xp
+    top_indices = global_ids(cand_indices, experts, cfg.expert_width, xp)
+    x_centered = x - params["b_pre"] if keep_intermediates or cfg.shared_latents else None
+    if not cfg.shared_latents:
+        return x_centered, values, top_indices, None, None, None
+    shared_pre, shared_values, shared_indices = shared_encode(params, x_centered, cfg, backend)
+    return (x_centered, xp.concat([values, shared_values], axis=-1),
+            xp.concat([top_indices, shared_indices + cfg.n_latents], axis=-1),
+            shared_pre, shared_values, shared_indices)
 
 
 def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:

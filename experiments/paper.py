@@ -1,11 +1,13 @@
 """The Switch SAE paper's comparisons at small scale, on MiniLM-L6 activations.
 
-Trains a dense TopK SAE (N = 1, width m) and Switch SAEs with N experts (default 4, 8, 16)
+Trains a dense TopK SAE (N = 1, width m) and Switch SAEs with N experts (default 4, 8, 16, 32)
 (a) at matched FLOPs: the same expert width m, so M = N * m and the same encoder cost per
 token, and (b) at matched width: M = m total latents, so the encoder is N times cheaper.
-Every run has the same k, token budget and optimiser settings (the `switchsae train`
-defaults, `switchsae.cli.DEFAULTS`), trained by `switchsae.training.Trainer` on Python's docs
-through MiniLM-L6 (every 20th text held out) and measured on the held-out texts:
+Every run has the same k and token budget and the library's default losses, learning rate,
+warm-up and dead-latent window (`SwitchSAEConfig`, `TrainConfig`: nothing tuned per run),
+trained by `switchsae.training.Trainer` on MiniLM-L6 activations of Python's embedded docs or
+of a larger corpus (`--corpus python-docs`, `switchsae.data.corpora`; every 20th text held
+out), once per seed (`--seeds`), and measured on the held-out texts:
 
     FVU, L0, dead fraction (never fired on the held-out tokens), dense fraction (fires on
     > 10% of them), duplication (latents with a decoder row at cos > 0.9 in another expert),
@@ -13,10 +15,13 @@ through MiniLM-L6 (every 20th text held out) and measured on the held-out texts:
     the fraction of the MiniLM sentence-embedding cosine recovered when the reconstruction is
     spliced in (`switchsae.evaluation.splice_fidelity`, zero-ablation floor).
 
+plus the trainer's own dead fraction at the end of training and the training wall time.
+The table gives the mean over seeds with the standard deviation; the plots show the spread.
 Writes results.md (the table), results.json and fvu_vs_flops.png, fvu_vs_width.png,
 duplication.png, expert_load.png into --out.
 
     python -m experiments.paper --out runs/paper            # the default budget
+    python -m experiments.paper --corpus python-docs --seeds 0 1 2 --out docs/results/paper
     python -m experiments.paper --quick --out /tmp/smoke    # smoke test, tiny models
 """
 
@@ -34,20 +39,26 @@ import numpy as np
 from switchsae.core import metrics
 from switchsae.core.config import SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
-from switchsae.files import atomic_write, atomic_write_bytes, atomic_write_json
+from switchsae.data.corpora import CORPORA
+from switchsae.files import atomic_write_bytes, atomic_write_json
+from switchsae.plots import pyplot, save_png
 
-FULL = dict(width=768, k=16, experts=(4, 8, 16), steps=250, batch_size=1024, max_texts=None,
-            fidelity_texts=64)
+# sized to finish within an hour on 2 shared CPU cores (README "Evaluation and the paper's claims")
+FULL = dict(width=768, k=16, experts=(4, 8, 16, 32), steps=200, batch_size=1024, max_texts=None,
+            fidelity_texts=32)
 QUICK = dict(width=64, k=4, experts=(4, 8), steps=25, batch_size=256, max_texts=100,
              fidelity_texts=8)
 HOLDOUT_EVERY = 20  # as switchsae.training.DataSpec: every 20th text is held out
 FAMILIES = ("dense", "flop-matched", "width-matched")
-LEGEND = """N experts, M total latents, m per expert.  FVU on held-out tokens.  dead: latents that
-never fired on them; dense: latents firing on > 10% of them.  dup (other expert): latents with
+LEGEND = """N experts, M total latents, m per expert.  FVU on held-out tokens (mean ± sd over seeds),
+and over dense TopK's.  dead (held-out): latents that never fired on them; dead (trainer,
+end): the trainer's own dead fraction at the last step (silent for the run's dead-latent
+window); dense: latents firing on > 10% of the held-out tokens.  dup (other expert): latents with
 a decoder row at cosine > 0.9 in another expert; dup (any): the same against every other
 latent.  FLOPs/token: `switchsae.core.flops` (forward; training step with sparse backward).
 load entropy / log N: 1 = perfectly balanced experts.  fidelity: fraction of the MiniLM
 sentence-embedding cosine recovered with x_hat spliced in, against zero-ablating the layer.
+train wall s: the training loop's wall time (mean over seeds), and over dense TopK's.
 """
 
 
@@ -81,16 +92,31 @@ def plan(d_in: int, width: int, k: int, experts, **cfg_kw) -> list[Run]:
     return runs
 
 
-def load_data(layer: int, batch_size: int, seed: int, max_texts: int | None, progress: bool):
-    """-> (training source, held-out source, held-out texts).  All texts: the trainer's cached
-    sources (`switchsae.training.build_sources`); else the first `max_texts`, in memory."""
-    from switchsae.data import ArraySource, default_texts, harvest
+def corpus_file(corpus: str, max_texts: int | None = None) -> Path:
+    """Corpus `corpus` (`switchsae.data.corpora`; its first `max_texts` documents) written as
+    JSON lines into the activation cache's folder, for `DataSpec(text=...)` (whose cache is
+    keyed by the texts)."""
+    from switchsae.data import corpora
+    from switchsae.training.data import cache_root
+
+    path = cache_root() / "corpora" / (f"{corpus}.jsonl" if max_texts is None else f"{corpus}-{max_texts}.jsonl")
+    corpora.write_jsonl(corpus, path, max_texts)
+    return path
+
+
+def load_data(layer: int, batch_size: int, seed: int, max_texts: int | None, progress: bool,
+              corpus: str | None = None):
+    """-> (training source, held-out source, held-out texts) of the first `max_texts` texts
+    of the embedded docs or of `corpus`.  A corpus, or all of the embedded docs: the trainer's
+    cached sources (`switchsae.training.build_sources`); else in memory."""
+    from switchsae.data import ArraySource, corpora, default_texts, harvest
     from switchsae.training import DataSpec, build_sources
 
-    texts = default_texts()[:max_texts]
+    texts = (corpora.texts(corpus) if corpus else default_texts())[:max_texts]
     held = [t for i, t in enumerate(texts) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-    if max_texts is None:
-        train, held_out, _ = build_sources(DataSpec(layer=layer, holdout_every=HOLDOUT_EVERY),
+    if corpus or max_texts is None:
+        text = str(corpus_file(corpus, max_texts)) if corpus else None
+        train, held_out, _ = build_sources(DataSpec(text=text, layer=layer, holdout_every=HOLDOUT_EVERY),
                                            batch_size, seed, progress)
         return train, held_out, held
     per_text = list(harvest(None, texts, layer, batch_size=1, progress=progress))  # one model load
@@ -140,27 +166,59 @@ def measure(run: Run, sae, eval_source, fidelity_texts, layer: int, model) -> di
     }
 
 
+MEANS = ("fvu", "l0", "dead_fraction", "train_dead_fraction", "dense_fraction", "duplication",
+         "duplication_any", "load_entropy", "fidelity", "train_wall_s")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per run over its seeds (dense, then each family by N): the first seed's row with the
+    means of `MEANS`, `fvu_sd` (standard deviation over seeds, 0 for one), `fvus` and `seeds`
+    (per seed), `expert_load` averaged, and `fvu_vs_dense` / `wall_vs_dense`: the mean FVU and
+    training wall time over the dense run's."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["name"], []).append(r)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        for key in MEANS:
+            row[key] = float(np.mean([r[key] for r in group]))
+        row["fvus"] = [r["fvu"] for r in group]
+        row["seeds"] = [r["seed"] for r in group]
+        row["fvu_sd"] = float(np.std(row["fvus"], ddof=1)) if len(group) > 1 else 0.0
+        row["expert_load"] = np.mean([r["expert_load"] for r in group], axis=0).tolist()
+        out.append(row)
+    out.sort(key=lambda r: (FAMILIES.index(r["family"]) if r["family"] in FAMILIES else len(FAMILIES),
+                            r["n_experts"]))
+    dense = next((r for r in out if r["family"] == "dense"), None)
+    for r in out:
+        r["fvu_vs_dense"] = r["fvu"] / dense["fvu"] if dense else float("nan")
+        r["wall_vs_dense"] = r["train_wall_s"] / dense["train_wall_s"] if dense else float("nan")
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown table of the results."""
-    head = ("| run | N | M | m | FVU | L0 | dead | dense | dup (other expert) | dup (any) "
-            "| FLOPs/token fwd | FLOPs/token train | load entropy / log N | fidelity |")
+    """Markdown table of `summarise`d results (one row per run, means over seeds)."""
+    head = ("| run | N | M | m | FVU (mean ± sd) | FVU / dense | L0 | dead (held-out) | dead (trainer, end) "
+            "| dense | dup (other expert) | dup (any) | FLOPs/token fwd | FLOPs/token train "
+            "| load entropy / log N | fidelity | train wall s | wall / dense |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         entropy = "-" if r["n_experts"] == 1 else f"{r['load_entropy'] / r['max_entropy']:.3f}"
         lines.append(
-            f"| {r['name']} | {r['n_experts']} | {r['n_latents']} | {r['expert_width']} | {r['fvu']:.4f} "
-            f"| {r['l0']:.1f} | {r['dead_fraction']:.3f} | {r['dense_fraction']:.3f} "
+            f"| {r['name']} | {r['n_experts']} | {r['n_latents']} | {r['expert_width']} "
+            f"| {r['fvu']:.4f} ± {r['fvu_sd']:.4f} | {r['fvu_vs_dense']:.3f} | {r['l0']:.1f} "
+            f"| {r['dead_fraction']:.3f} | {r['train_dead_fraction']:.3f} | {r['dense_fraction']:.3f} "
             f"| {r['duplication']:.3f} | {r['duplication_any']:.3f} | {r['flops_forward']:,} "
-            f"| {r['flops_train']:,} | {entropy} | {r['fidelity']:.3f} |")
+            f"| {r['flops_train']:,} | {entropy} | {r['fidelity']:.3f} | {r['train_wall_s']:.1f} "
+            f"| {r['wall_vs_dense']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
-    """The four figures; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The four figures of `summarise`d rows (error bars: the sd over seeds; the last two only
+    with Switch SAEs among them); their paths."""
+    plt = pyplot()
 
     styles = {"dense": ("k", "s"), "flop-matched": ("tab:blue", "o"), "width-matched": ("tab:orange", "^")}
     paths = []
@@ -170,17 +228,22 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         for fam in FAMILIES:
             sel = [r for r in rows if r["family"] == fam]
             color, marker = styles[fam]
-            ax.plot([r[x_key] for r in sel], [r["fvu"] for r in sel], marker=marker, color=color,
-                    label=fam, linestyle="-" if len(sel) > 1 else "none")
+            ax.errorbar([r[x_key] for r in sel], [r["fvu"] for r in sel], yerr=[r["fvu_sd"] for r in sel],
+                        marker=marker, color=color, label=fam, linestyle="-" if len(sel) > 1 else "none",
+                        capsize=3)
             for r in sel:
                 ax.annotate(f"N={r['n_experts']}", (r[x_key], r["fvu"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
-        ax.set(xlabel=x_label, ylabel="FVU (held-out)", title=f"FVU vs {x_label}")
+        seeds = len(rows[0]["seeds"])
+        ax.set(xlabel=x_label, ylabel="FVU (held-out)",
+               title=f"FVU vs {x_label}" + (f" ({seeds} seeds, ± sd)" if seeds > 1 else ""))
         ax.legend()
-        paths.append(_save(fig, out / fname))
+        paths.append(save_png(fig, out / fname))
 
     switch = [r for r in rows if r["n_experts"] > 1]
+    if not switch:  # dense alone so far (results are written after every run)
+        return paths
     ns = sorted({r["n_experts"] for r in switch})
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, fam in enumerate(("flop-matched", "width-matched")):
@@ -194,7 +257,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     ax.set(ylabel="fraction of latents", title="latents duplicated in another expert (cos > 0.9)")
     ax.set_ylim(bottom=0)
     ax.legend()
-    paths.append(_save(fig, out / "duplication.png"))
+    paths.append(save_png(fig, out / "duplication.png"))
 
     fig, axes = plt.subplots(1, len(switch), figsize=(2.6 * len(switch), 2.8), squeeze=False)
     for ax, r in zip(axes[0], switch):
@@ -204,17 +267,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_title(f"{r['family']}\nN={r['n_experts']}", fontsize=8)
         ax.set_xticks([])
     axes[0][0].set_ylabel("fraction of tokens (sorted)")
-    paths.append(_save(fig, out / "expert_load.png"))
+    paths.append(save_png(fig, out / "expert_load.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 def add_common_args(p: argparse.ArgumentParser, full: dict, quick: dict, out: str,
@@ -231,6 +285,8 @@ def add_common_args(p: argparse.ArgumentParser, full: dict, quick: dict, out: st
     p.add_argument("--fidelity-texts", type=int, help=f"held-out texts for the fidelity splice, 0 = skip it "
                                                       f"(default {full['fidelity_texts']})")
     p.add_argument("--layer", type=int, default=3, help="MiniLM hidden-state index (default 3)")
+    p.add_argument("--corpus", choices=sorted(CORPORA), help="a larger corpus (`switchsae.data.corpora`; "
+                   "default: Python's embedded docs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
@@ -255,35 +311,30 @@ class Setup:
     progress: bool
 
 
-def prepare(args, budget: dict) -> Setup:
-    """Load the data (`load_data`) and the model; the shared `TrainConfig` (the `switchsae
-    train` defaults for lr and warm-up)."""
+def prepare(args, budget: dict, seed: int | None = None) -> Setup:
+    """Load the data (`load_data`, shuffled by `seed`, default `args.seed`) and the model; the
+    shared `TrainConfig`: the budget and the seed, everything else the library's defaults."""
     from switchsae import get_backend
-    from switchsae.cli import DEFAULTS, default_backend
+    from switchsae.cli import default_backend
     from switchsae.evaluation import load_model
     from switchsae.training import TrainConfig
 
+    seed = args.seed if seed is None else seed
     backend = get_backend(args.backend or default_backend())
     progress = not args.no_progress
-    train_src, eval_src, held = load_data(args.layer, budget["batch_size"], args.seed,
-                                          budget["max_texts"], progress)
-    tc = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=DEFAULTS["lr"],
-                     warmup_steps=min(DEFAULTS["warmup"], budget["steps"] // 2), seed=args.seed,
+    train_src, eval_src, held = load_data(args.layer, budget["batch_size"], seed, budget["max_texts"],
+                                          progress, getattr(args, "corpus", None))
+    tc = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], seed=seed,
                      log_every=max(1, budget["steps"] // 10))
     return Setup(backend, train_src, eval_src, held, tc, load_model() if budget["fidelity_texts"] else None,
                  progress)
 
 
-def cfg_defaults() -> dict:
-    """Config fields every run takes from the `switchsae train` defaults."""
-    from switchsae.cli import DEFAULTS
-
-    return {"auxk_coef": DEFAULTS["auxk_coef"], "dead_tokens": DEFAULTS["dead_tokens"]}
-
-
-def train_all(runs: list[Run], setup: Setup, budget: dict, args, checkpoints: Path | None = None):
+def train_all(runs: list[Run], setup: Setup, budget: dict, args, checkpoints: Path | None = None,
+              on_row=None):
     """Train and `measure` every run in order; with `checkpoints`, save each trained SAE to
-    checkpoints/<row["checkpoint"]>.  -> (rows, meta)."""
+    checkpoints/<row["checkpoint"]>; `on_row(rows so far, seconds so far)` after each run.
+    -> (rows, meta)."""
     from switchsae.checkpoint import save
     from switchsae.training import Trainer
 
@@ -296,16 +347,52 @@ def train_all(runs: list[Run], setup: Setup, budget: dict, args, checkpoints: Pa
         row = measure(run, result.sae, setup.eval_src, setup.held[:budget["fidelity_texts"]], args.layer,
                       setup.model)
         row["train_seconds"] = round(time.perf_counter() - t0, 1)
+        row["train_wall_s"] = round(result.wall_time, 2)  # the training loop alone
+        row["seed"] = setup.tc.seed
+        row["train_dead_fraction"] = result.history[-1]["dead_fraction"] if result.history else float("nan")
         if checkpoints is not None:
             row["checkpoint"] = f"{i:02d}_" + "".join(c if c.isalnum() else "_" for c in run.name)
             save(result.sae, checkpoints / row["checkpoint"])
         rows.append(row)
+        if on_row is not None:
+            on_row(rows, time.perf_counter() - started)
         print(f"{run.name:>20}: FVU {row['fvu']:.4f}  dup {row['duplication']:.3f}  "
               f"fidelity {row['fidelity']:.3f}  ({row['train_seconds']} s)", flush=True)
-    meta = {"backend": setup.backend.name, "budget": budget, "layer": args.layer, "seed": args.seed,
+    meta = {"backend": setup.backend.name, "budget": budget, "layer": args.layer, "seed": setup.tc.seed,
             "train_config": setup.tc.to_dict(), "training_tokens": setup.train_src.n_rows,
             "held_out_tokens": setup.eval_src.n_rows, "seconds": round(time.perf_counter() - started, 1)}
     return rows, meta
+
+
+def write_results(out: Path, rows: list[dict], meta: dict) -> str:
+    """results.json (every run of every seed, and the summary), results.md and the plots of
+    `rows` (from one process or merged, `--merge`); -> the markdown."""
+    summary = summarise(rows)
+    atomic_write_json(out / "results.json", {"meta": meta, "runs": rows, "summary": summary}, indent=1)
+    b = meta["budget"]
+    md = (f"# Switch SAE vs dense TopK on MiniLM-L6 layer {meta['layer']} ({meta['corpus']})\n\n"
+          f"{b['steps']} steps x {b['batch_size']} tokens, k = {b['k']}, dense width {b['width']}, the "
+          f"library's default settings, backend {meta['backend']}, seeds {meta['seeds']}; "
+          f"{meta['training_tokens']:,} training tokens, metrics on {meta['held_out_tokens']:,} held-out tokens, "
+          f"fidelity on {meta['fidelity_texts']} held-out texts; {meta['seconds'] / 60:.0f} minutes of "
+          f"training and measuring in all.\n\n{table(summary)}\n{LEGEND}")
+    atomic_write_bytes(out / "results.md", md.encode())
+    plot(summary, out)
+    return md
+
+
+def merge(dirs: list[str], out: Path) -> str:
+    """Combine the results.json of runs made in several processes (e.g. one per seed)."""
+    import json
+
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    metas = [part["meta"] for part in parts]
+    for key in ("budget", "corpus", "layer", "training_tokens", "held_out_tokens"):
+        if len({json.dumps(m[key]) for m in metas}) > 1:
+            raise ValueError(f"{dirs} differ in {key}: {[m[key] for m in metas]}")
+    meta = {**metas[0], "seeds": [s for m in metas for s in m["seeds"]],
+            "seconds": sum(m["seconds"] for m in metas), "merged_from": list(dirs)}
+    return write_results(out, [r for part in parts for r in part["runs"]], meta)
 
 
 def main(argv=None) -> int:
@@ -314,25 +401,42 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     add_common_args(p, FULL, QUICK, "runs/paper", "dense width m = expert width when FLOP-matched")
     p.add_argument("--experts", type=int, nargs="+", help=f"Switch expert counts (default {FULL['experts']})")
+    p.add_argument("--seeds", type=int, nargs="+", help="train every run once per seed (initialisation and "
+                                                        "data order; default: --seed alone)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="only combine the results of earlier runs of this "
+                   "experiment (e.g. one process per seed) into --out")
     args = p.parse_args(argv)
-    budget = budget_from(args, FULL, QUICK)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = prepare(args, budget)
-    try:
-        runs = plan(setup.train_src.d_in, budget["width"], budget["k"], budget["experts"], **cfg_defaults())
-    except ValueError as e:
-        p.error(str(e))
-    rows, meta = train_all(runs, setup, budget, args)
-    atomic_write_json(out / "results.json", {"meta": meta, "runs": rows}, indent=1)
-    md = (f"# Switch SAE vs dense TopK on MiniLM-L6 layer {args.layer}\n\n"
-          f"{budget['steps']} steps x {budget['batch_size']} tokens, k = {budget['k']}, dense width "
-          f"{budget['width']}, backend {meta['backend']}; metrics on {meta['held_out_tokens']} held-out tokens, "
-          f"fidelity on {min(len(setup.held), budget['fidelity_texts'])} held-out texts.\n\n{table(rows)}\n{LEGEND}")
-    atomic_write_bytes(out / "results.md", md.encode())
-    plot(rows, out)
-    print(md)
-    print(f"wrote {out}/results.md, results.json and 4 plots in {meta['seconds']} s")
+    if args.merge:
+        try:
+            print(merge(args.merge, out))
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--merge: {e}")
+        return 0
+    budget = budget_from(args, FULL, QUICK)
+    rows, seconds, seeds = [], 0.0, []
+    for seed in args.seeds or [args.seed]:
+        setup = prepare(args, budget, seed)
+        try:
+            runs = plan(setup.train_src.d_in, budget["width"], budget["k"], budget["experts"])
+        except ValueError as e:
+            p.error(str(e))
+        seeds.append(seed)
+
+        def written(seed_rows, done, setup=setup):  # after every run: a stopped experiment keeps what finished
+            meta = {"backend": setup.backend.name, "budget": budget, "layer": args.layer, "seeds": list(seeds),
+                    "corpus": args.corpus or "pydoc_data.topics", "train_config": setup.tc.to_dict(),
+                    "training_tokens": setup.train_src.n_rows, "held_out_tokens": setup.eval_src.n_rows,
+                    "fidelity_texts": min(len(setup.held), budget["fidelity_texts"]),
+                    "seconds": round(seconds + done, 1)}
+            write_results(out, rows + seed_rows, meta)
+
+        seed_rows, seed_meta = train_all(runs, setup, budget, args, on_row=written)
+        rows += seed_rows
+        seconds += seed_meta["seconds"]
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.md, results.json and 4 plots in {seconds:.0f} s")
     return 0
 
 

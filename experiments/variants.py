@@ -42,13 +42,12 @@ from pathlib import Path
 from switchsae.core.config import ConfigError, SwitchSAEConfig
 from switchsae.core.flops import forward_flops, train_flops
 from switchsae.files import atomic_write_bytes, atomic_write_json
+from switchsae.plots import pyplot, save_png
 
 from .paper import (
     Run,
-    _save,
     add_common_args,
     budget_from,
-    cfg_defaults,
     prepare,
     train_all,
 )
@@ -156,11 +155,9 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """FVU against training FLOPs per token, every run labelled; duplication beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     colors = {"dense": "k", "width-matched": "tab:orange", "flop-matched": "tab:blue"}
     labels = list(dict.fromkeys(r["variant"] for r in rows if r["family"] != "dense"))
@@ -198,7 +195,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     bx.set(ylabel="fraction of latents", title="duplicated in another expert (cos > 0.9)")
     bx.set_ylim(bottom=0)
     bx.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _spread(xs, ys, gap: float) -> list[float]:
@@ -230,7 +227,7 @@ def main(argv=None) -> int:
     setup = prepare(args, budget)
     try:
         runs = plan(setup.train_src.d_in, budget["width"], budget["k"], budget["experts"], budget["top_e"],
-                    budget["shared_k"], args.match, **cfg_defaults())
+                    budget["shared_k"], args.match)
     except ValueError as e:
         p.error(str(e))
     rows, meta = train_all(runs, setup, budget, args, checkpoints=out / "checkpoints")

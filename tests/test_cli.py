@@ -104,7 +104,7 @@ def test_refuses_to_train_into_a_used_directory(tmp_path, capsys):
     (tmp_path / "run" / "old.txt").write_text("x")
     code, _, err = _run(capsys, "train", *SMALL, "--data", str(_shards(tmp_path / "d")),
                         "--out", str(tmp_path / "run"))
-    assert code == 2 and "is not empty; use --resume" in err
+    assert code == 2 and "is not empty and holds no training run (old.txt)" in err
 
 
 def test_real_activations_harvest_train_eval(tmp_path, capsys):

@@ -159,6 +159,27 @@ def test_writer_refuses_existing_data_and_bad_input(tmp_path):
     assert w.close()["total_tokens"] == 3
 
 
+@pytest.mark.parametrize("kind", ["array", "npy"])
+def test_each_process_reads_only_its_rows_of_the_same_batches(tmp_path, kind):
+    """Four processes' row slices of each batch (batches straddling epoch boundaries) put
+    together are the whole batch, and every source advances by whole batches."""
+    def make():
+        if kind == "array":
+            return ArraySource(np.arange(97 * 3, dtype=np.float32).reshape(97, 3), 40, seed=1)
+        return ShardSource(tmp_path, 40, seed=1, shuffle_buffer=30, chunk_rows=7)
+
+    if kind == "npy":
+        write_shards(tmp_path, 97, "npy", shard_tokens=20)
+    whole, parts = make(), [make() for _ in range(4)]
+    for _ in range(6):  # 240 rows: two epoch boundaries
+        want = whole.next_batch()
+        got = np.concatenate([p.next_batch(slice(10 * r, 10 * r + 10)) for r, p in enumerate(parts)])
+        np.testing.assert_array_equal(got, want)
+    assert all(p.state_dict() == whole.state_dict() for p in parts)
+    with pytest.raises(DataError, match="contiguous slice"):
+        whole.next_batch(slice(0, 40, 2))
+
+
 # ------------------------------------------------------------- ShardSource
 @pytest.fixture(scope="module", params=["npy", "safetensors"])
 def shard_dir(request, tmp_path_factory):

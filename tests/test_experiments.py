@@ -156,3 +156,24 @@ def test_smoke_run_numbers_match_the_checkpoints_flops_and_a_fresh_evaluation(sm
     for r in width:
         cell = re.search(rf"\| {re.escape(r['name'])} \|(?:[^|]*\|){{6}} ([-0-9.na]+) \|", md).group(1)
         assert float(cell) == pytest.approx((switch - r["fvu"]) / (switch - dense["fvu"]), abs=0.006)
+
+
+def test_summarise_averages_seeds_and_divides_by_dense():
+    def row(name, family, seed, fvu, wall, load):
+        return {"name": name, "family": family, "seed": seed, "fvu": fvu, "train_wall_s": wall,
+                "n_experts": len(load),
+                "expert_load": load, **{k: 0.5 for k in paper.MEANS if k not in ("fvu", "train_wall_s")}}
+
+    sizes = {"n_latents": 8, "expert_width": 8, "max_entropy": 1.0, "flops_forward": 1,
+             "flops_train": 1}
+    rows = [row("flop-matched N=2", "flop-matched", 0, 0.16, 12.0, [0.4, 0.6]), row("dense", "dense", 0, 0.20, 10.0, [1.0]),
+            row("dense", "dense", 1, 0.22, 14.0, [1.0]), row("flop-matched N=2", "flop-matched", 1, 0.18, 12.0, [0.6, 0.4])]
+    dense, switch = paper.summarise(rows)
+    assert (dense["name"], switch["name"]) == ("dense", "flop-matched N=2")
+    assert dense["fvu"] == pytest.approx(0.21) and dense["fvus"] == [0.20, 0.22] and dense["seeds"] == [0, 1]
+    assert dense["fvu_sd"] == pytest.approx(0.02 / 2**0.5)  # sample sd of two values: |a - b| / sqrt 2
+    assert switch["fvu_vs_dense"] == pytest.approx(0.17 / 0.21)
+    assert switch["wall_vs_dense"] == pytest.approx(12.0 / 12.0) and switch["expert_load"] == [0.5, 0.5]
+    assert paper.summarise(rows[:2])[0]["fvu_sd"] == 0.0  # one seed: no spread; dense first
+    md = paper.table([{**sizes, **r} for r in paper.summarise(rows)])
+    assert "| 0.2100 ± 0.0141 | 1.000 |" in md and "| 0.1700 ± 0.0141 | 0.810 |" in md

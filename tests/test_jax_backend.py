@@ -1,7 +1,7 @@
 """The JAX backend: its jit-compiled forward and train step against the NumPy float64
 reference on the conformance cases (the eager paths are covered by `pytest conformance`),
-and what is JAX-specific: the ragged_dot encoder, the sparse decode gradient, no dense
-(batch, M) / (batch, N, m) arrays in the compiled step, buffer donation, the step counter
+and what is JAX-specific: the encoder in both dispatches, the sparse decode gradient, no dense
+(batch, M) / (batch, N, m) arrays nor host callbacks in the compiled step, buffer donation, the step counter
 under jit, bfloat16 and array conversion.  Tolerances are `conformance.harness.TOLERANCE`."""
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from switchsae.backends import load_backend
-from switchsae.backends.jax import decode, encode, use_pallas_ragged_dot
+from switchsae.backends.jax import Backend, decode, encode, use_pallas_ragged_dot
 from switchsae.conformance import harness as H
 from switchsae.conformance.cases import build
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, spec, train_step
 from switchsae.core.experts import encode_reference
-from switchsae.core.topk import topk_reference
 
 JB = load_backend("jax")
 NB = load_backend("numpy")
@@ -76,32 +75,26 @@ def test_xp_is_the_array_api_namespace_of_jax_arrays():
     assert JB.name == "jax" and set(JB.dtypes) >= {"float32", "bfloat16"}
 
 
-def test_grouped_encode_matches_dense_reference():
-    """One ragged_dot over sorted tokens == the dense definition; groups may be empty, and ids
-    outside [0, N) (tokens another device owns) give zero rows."""
+@pytest.mark.parametrize("mode", ["tiles", "ragged"])
+def test_grouped_encode_matches_dense_reference(mode):
+    """Tiles or one ragged_dot over sorted tokens == the dense definition; groups may be
+    empty, and ids outside [0, N) (tokens another device owns) give zero rows."""
     rng = np.random.default_rng(0)
     n, d, m, batch = 5, 6, 7, 30
     x, W, b = rng.normal(size=(batch, d)), rng.normal(size=(n, d, m)), rng.normal(size=(n, m))
     ids = rng.choice([0, 2, 3, -1, 5, 9], size=batch)  # groups 1 and 4 empty; -1, 5, 9 foreign
     got = np.asarray(encode.grouped_encode(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32),
-                                               jnp.asarray(b, jnp.float32), jnp.asarray(ids)))
+                                               jnp.asarray(b, jnp.float32), jnp.asarray(ids), mode))
     mine = (ids >= 0) & (ids < n)
     ref = encode_reference(x[mine], W, b, ids[mine], np)
     np.testing.assert_allclose(got[mine], ref, rtol=1e-5, atol=1e-5)  # float32, sums of 6 terms
     assert np.all(got[~mine] == 0)
 
 
-def test_topk_breaks_ties_like_the_spec():
-    acts = np.array([[1.0, 3.0, 3.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
-    values, indices = JB.topk(jnp.asarray(acts), 4)
-    ref_values, ref_indices = topk_reference(acts, 4, array_api_compat.numpy)
-    np.testing.assert_array_equal(np.asarray(indices), ref_indices)
-    np.testing.assert_array_equal(np.asarray(values), ref_values)
-
-
 def test_decode_gradient_scatters_into_selected_rows_only():
-    """XLA's VJP of the row gather is a scatter-add of (batch*k) rows: no (batch, R) one-hot,
-    no dense matmul against the table, so no custom VJP is needed."""
+    """The ragged dispatch's decode (TPU/GPU): XLA's VJP of the row gather is a scatter-add of
+    (batch*k) rows: no (batch, R) one-hot, no dense matmul against the table, so no custom VJP
+    is needed there."""
     batch, k, rows, d = 6, 3, 40, 5
     loss = lambda v, t: jnp.sum(decode.gather_decode(v, jnp.zeros((batch, k), jnp.int32), t) ** 2)
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.ones((batch, k)), jnp.ones((rows, d)))
@@ -110,28 +103,39 @@ def test_decode_gradient_scatters_into_selected_rows_only():
     assert all(sorted(s) != sorted((batch, rows)) for s in _shapes(jaxpr.jaxpr))
 
 
-def test_compiled_step_has_no_dense_expert_arrays():
+@pytest.mark.parametrize("dead", [False, True], ids=["plain", "auxk"])
+def test_compiled_step_has_no_dense_expert_arrays_nor_host_callbacks(dead):
     """The compiled train step never forms (batch, M) or (batch, N, m) arrays (in any axis
-    order): not in its jaxpr, nor in the StableHLO it lowers to for CUDA and TPU (lowered here
-    via jax.export; those lowerings emit one `ragged_dot`).  The CPU lowering is not checked:
-    JAX expands ragged_dot on CPU into a masked (N, batch, .) product by design."""
+    order) and calls back to no host: not in its jaxpr (both dispatches), not in the StableHLO
+    it lowers to for CPU (tiles), nor in the StableHLO exported for CUDA and TPU (ragged, which
+    lowers to one `ragged_dot` there; exported via jax.export, no TPU needed)."""
     batch, cfg = 40, SwitchSAEConfig(d_in=24, n_latents=48, n_experts=4, k=3, encoder_bias=True,
                                      auxk_coef=1 / 32, k_aux=4)
     forbidden = {tuple(sorted((batch, cfg.n_latents))), tuple(sorted((batch, cfg.n_experts, cfg.expert_width)))}
     params = {n: jnp.asarray(p, jnp.float32) for n, p in init_params(cfg, 0).items()}
     state = adam_init(params, jnp)._replace(step=jnp.asarray(0))
-    args = (params, state, jnp.ones((batch, cfg.d_in)), 1e-3, jnp.arange(cfg.n_latents) % 2 == 0)
-    step = jax.jit(functools.partial(train_step, JB, cfg))
+    dead_mask = jnp.arange(cfg.n_latents) % 2 == 0 if dead else None
+    args = (params, state, jnp.ones((batch, cfg.d_in)), 1e-3, dead_mask)
 
-    jaxpr = jax.make_jaxpr(step)(*args).jaxpr
-    dense = forbidden & {tuple(sorted(s)) for s in _shapes(jaxpr)}
-    assert not dense, f"jaxpr: dense expert arrays {dense}"
-    assert "ragged_dot_general" in {e.primitive.name for e in _equations(jaxpr)}
-    for platform in ("cuda", "tpu"):
-        text = jax.export.export(step, platforms=[platform])(*args).mlir_module()
-        shapes = {tuple(sorted(int(n) for n in dims.split("x"))) for dims in re.findall(r"tensor<(\d+(?:x\d+)*)x", text)}
-        assert not forbidden & shapes, f"{platform}: dense expert arrays {forbidden & shapes}"
-        assert "ragged_dot" in text, platform
+    def dense_shapes(text):
+        dims = re.findall(r"tensor<(\d+(?:x\d+)*)x", text)
+        return forbidden & {tuple(sorted(int(n) for n in d.split("x"))) for d in dims}
+
+    for mode, platforms in (("tiles", ()), ("ragged", ("cuda", "tpu"))):
+        step = jax.jit(functools.partial(train_step, Backend(dispatch_mode=mode), cfg))
+        jaxpr = jax.make_jaxpr(step)(*args).jaxpr
+        dense = forbidden & {tuple(sorted(s)) for s in _shapes(jaxpr)}
+        assert not dense, f"{mode} jaxpr: dense expert arrays {dense}"
+        prims = {e.primitive.name for e in _equations(jaxpr)}
+        assert not {p for p in prims if "callback" in p}, prims
+        assert ("ragged_dot_general" in prims) == (mode == "ragged"), mode
+        texts = {"cpu": step.lower(*args).as_text()} if mode == "tiles" else {
+            p: jax.export.export(step, platforms=[p])(*args).mlir_module() for p in platforms}
+        for platform, text in texts.items():
+            assert not dense_shapes(text), f"{platform}: dense expert arrays {dense_shapes(text)}"
+            targets = set(re.findall(r"custom_call\s*@([\w.]+)", text))
+            assert not {t for t in targets if "callback" in t.lower()}, f"{platform}: host callbacks {targets}"
+            assert ("ragged_dot" in text) == (mode == "ragged"), platform
 
 
 def test_compile_step_donates_buffers_and_carries_the_step():

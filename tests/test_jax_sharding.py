@@ -1,6 +1,6 @@
-"""Expert- and data-parallel JAX train steps on 4 CPU devices equal the single-device step.
+"""Expert- and data-parallel JAX train steps on 4 and 8 CPU devices equal the single-device step.
 
-XLA fixes the CPU device count when jax initialises, so the 4-device run happens in a
+XLA fixes the CPU device count when jax initialises, so each multi-device run happens in a
 subprocess (this file run as a script with XLA_FLAGS set) that reports JSON.
 
 Tolerance (float32): the sharded step changes only the order of the data-parallel gradient
@@ -21,22 +21,44 @@ import pytest
 
 MESHES = [(4, 1), (2, 2), (1, 4)]  # (data, expert)
 CASES = ("switch_auxk_bias", "all_variants")
+MESHES_8 = [(1, 8), (2, 4)]  # expert parallel over 8 devices (8 experts), and mixed
 STEPS, LR = 2, 1e-3
+
+
+def _run_worker(n_devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu")
+    # about a minute on an idle 2-core machine; the limit only catches a hung worker (a shared
+    # machine under heavy load took over 5 minutes)
+    proc = subprocess.run([sys.executable, __file__, str(n_devices)], env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_worker(4)
+
+
+@pytest.fixture(scope="module")
+def report_8():
+    return _run_worker(8)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"data{m[0]}_expert{m[1]}")
 def test_sharded_step_matches_single_device(report, case, mesh):
-    r = report["runs"][f"{case}/{mesh[0]}x{mesh[1]}"]
+    _assert_matches(report["runs"][f"{case}/{mesh[0]}x{mesh[1]}"])
+
+
+@pytest.mark.parametrize("mesh", MESHES_8, ids=lambda m: f"data{m[0]}_expert{m[1]}")
+def test_expert_parallel_step_on_8_devices_matches_single_device(report_8, mesh):
+    r = report_8["runs"][f"switch_auxk_bias/{mesh[0]}x{mesh[1]}"]
+    _assert_matches(r)
+    assert r["local_W_enc_shape"][0] == 8 // mesh[1]  # each device holds only its experts
+
+
+def _assert_matches(r):
     for name, excess in r["param_excess"].items():
         assert excess <= 0, f"{name} after {STEPS} steps exceeds tolerance by {excess:.3e}"
     assert r["x_hat_rel"] < 1e-5, f"x_hat relative difference {r['x_hat_rel']:.3e}"
@@ -63,7 +85,7 @@ def test_layout_errors_are_clear(report):
 
 
 # -- the 4-device worker (runs in the subprocess) --------------------------------------------
-def _worker() -> dict:
+def _worker(n_devices: int) -> dict:
     import functools
     import warnings
 
@@ -75,13 +97,14 @@ def _worker() -> dict:
     from switchsae.conformance.cases import build
     from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
 
-    assert jax.device_count() == 4, jax.devices()
+    assert jax.device_count() == n_devices, jax.devices()
+    n_experts = 8 if n_devices == 8 else 4
 
     def make(name):
         if name == "all_variants":  # top-2 routing, shared expert, AuxK (batch 48)
             c = build(name)
             return c.cfg.replace(dtype="float32"), c.params, c.x, c.dead_mask
-        cfg = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=4, k=4, encoder_bias=True,
+        cfg = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=n_experts, k=4, encoder_bias=True,
                               auxk_coef=1 / 32, k_aux=4, lb_coef=0.5)
         rng = np.random.default_rng(0)
         params = init_params(cfg, 0)
@@ -106,10 +129,10 @@ def _worker() -> dict:
         return params, first, donation
 
     runs = {}
-    for name in CASES:
+    for name in CASES if n_devices == 4 else CASES[:1]:
         cfg, p0, x, dead = make(name)
         ref_params, ref_out, _ = run(Backend(), cfg, p0, x, dead)
-        for n_data, n_expert in MESHES:
+        for n_data, n_expert in MESHES if n_devices == 4 else MESHES_8:
             mesh = S.make_mesh(n_data, n_expert)
             params, out, donation = run(S.ExpertParallelBackend(mesh), cfg, p0, x, dead, mesh)
             excess = {}
@@ -131,6 +154,8 @@ def _worker() -> dict:
                 "local_W_enc_shape": list(params["W_enc"].addressable_shards[0].data.shape),
             }
 
+    if n_devices != 4:
+        return {"runs": runs}
     errors = {}
     cfg2 = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=2, k=4)
     for key, attempt in {
@@ -147,4 +172,4 @@ def _worker() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker()))
+    print(json.dumps(_worker(int(sys.argv[1]))))

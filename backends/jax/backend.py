@@ -1,5 +1,6 @@
-"""JAX backend: the shared spec under `jax.jit`, gradients by `jax.value_and_grad`, the
-expert encoder as one `ragged_dot` and the decode as a row gather."""
+"""JAX backend: the shared spec under `jax.jit`, gradients by `jax.value_and_grad`, the expert
+encoder dispatched per platform (`dispatch`: tiles on CPU, one `ragged_dot` on TPU/GPU) and
+fused with ReLU and TopK under a sparse custom VJP, and a sparse decode."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from switchsae.core.backend import Backend
-from switchsae.core.spec import trace
+from switchsae.backends.host_memory import keep_freed_cpu_memory
+from switchsae.core.spec import forward
 
 from . import compile as _compile
-from .decode import gather_decode
+from .decode import decode as sparse_decode
+from .dispatch import choose_mode
+from .encode import encode_topk as fused_encode_topk
 from .encode import grouped_encode
 
 
@@ -21,14 +25,22 @@ class JaxBackend(Backend):
     Matmul precision follows JAX's defaults (TF32 for float32 on recent NVIDIA GPUs); wrap
     calls in `jax.default_matmul_precision("highest")` for full float32.  On GPU, XLA may run
     the encoder's `ragged_dot` as a zero-padded dense product: see `use_pallas_ragged_dot`.
-    Multi-device placement: `switchsae.backends.jax.distributed.ExpertParallelBackend`."""
+    Multi-device placement: `switchsae.backends.jax.distributed.ExpertParallelBackend`.
+    On CPU, freed memory is kept for reuse (`switchsae.backends.host_memory`, process-wide;
+    $SWITCHSAE_KEEP_FREED_MEMORY=0 turns it off).
+
+    dispatch_mode: "tiles", "ragged" or "auto" (None: $SWITCHSAE_JAX_DISPATCH, else "auto": ragged
+    on TPU/GPU, tiles elsewhere); see `dispatch`."""
 
     name = "jax"
     xp = jnp
     extra = "jax"
     dtypes = ("float32", "bfloat16")
 
-    def __init__(self):
+    def __init__(self, dispatch_mode: str | None = None):
+        self.dispatch_mode = choose_mode(dispatch_mode)
+        if jax.default_backend() == "cpu":
+            keep_freed_cpu_memory()  # XLA's CPU temporaries come from malloc: no page faults
         self._loss_and_grads = jax.jit(self._value_and_grad, static_argnums=(2,))
 
     # -- arrays ---------------------------------------------------------------------------
@@ -52,11 +64,22 @@ class JaxBackend(Backend):
         return jax.lax.top_k(acts, k)
 
     def encode(self, x_centered, W_enc, b_enc, expert):
-        """One `ragged_dot` over the tokens sorted by expert (see `encode.grouped_encode`)."""
-        return grouped_encode(x_centered, W_enc, b_enc, expert)
+        """Each token through its own expert only (`encode.grouped_encode`)."""
+        return grouped_encode(x_centered, W_enc, b_enc, expert, self.dispatch_mode)
+
+    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
+        """Encode, ReLU and TopK fused, with a backward over the (batch, k) kept entries
+        (`encode.encode_topk`)."""
+        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode)
+
+    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
+        """`encode_topk` and AuxK's dead-latent TopK chosen in the same pass (per tile on CPU),
+        with one sparse backward over the k + aux_k kept entries (`encode.encode_topk`)."""
+        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode, dead, aux_k)
 
     def decode(self, values, indices, W_dec_flat):
-        return gather_decode(values, indices, W_dec_flat)
+        """Sparse decode with a sparse backward (`decode.decode`)."""
+        return sparse_decode(values, indices, W_dec_flat, self.dispatch_mode)
 
     def stop_gradient(self, a):
         return jax.lax.stop_gradient(a)
@@ -68,7 +91,7 @@ class JaxBackend(Backend):
 
     def _value_and_grad(self, params, x, cfg, dead_mask):
         def total(p):
-            out = trace(p, x, cfg, self, dead_mask).out
+            out = forward(p, x, cfg, self, dead_mask)
             return out.losses["total"], out
 
         (_, out), grads = jax.value_and_grad(total, has_aux=True)(params)

@@ -28,6 +28,8 @@ arrays are global and every statistic is the whole batch's): `parallel_backend("
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +39,10 @@ from jax.sharding import PartitionSpec as P
 from switchsae.core.config import ConfigError
 from switchsae.core.optim import AdamState
 
+from switchsae.core.backend import Backend
+
 from .backend import JaxBackend
-from .decode import gather_decode
+from .decode import decode as sparse_decode
 from .encode import grouped_encode
 
 DATA, EXPERT = "data", "expert"
@@ -114,8 +118,8 @@ class ExpertParallelBackend(JaxBackend):
     its devices.  Feed it parameters from `shard_params` and batches from `shard_batch`
     (the batch must divide by `mesh.size`)."""
 
-    def __init__(self, mesh: Mesh):
-        super().__init__()
+    def __init__(self, mesh: Mesh, dispatch_mode: str | None = None):
+        super().__init__(dispatch_mode)
         if tuple(mesh.axis_names) != (DATA, EXPERT):
             raise ValueError(f"mesh axes must be {(DATA, EXPERT)}, got {tuple(mesh.axis_names)}")
         self.mesh = mesh
@@ -133,7 +137,7 @@ class ExpertParallelBackend(JaxBackend):
                               f"({self.mesh.size})")
 
     def local_backend(self) -> JaxBackend:
-        return JaxBackend()
+        return JaxBackend(self.dispatch_mode)
 
     def place_batch(self, x, dtype=None):
         return shard_batch(self.asarray(x, dtype), self.mesh)
@@ -147,6 +151,10 @@ class ExpertParallelBackend(JaxBackend):
         return jax.shard_map(lambda a: tuple(jax.lax.top_k(a, k)), mesh=self.mesh,
                              in_specs=_TOKENS, out_specs=(_TOKENS, _TOKENS))(acts)
 
+    # the standard composition of the sharded encode and top-k below (not the single-device
+    # fused kernel, which would see every device's tokens)
+    encode_topk = Backend.encode_topk
+
     def encode(self, x_centered, W_enc, b_enc, expert):
         """x_centered: (batch, d); W_enc: (N, d, m) split over "expert"; expert: (batch,)
         -> (batch, m)."""
@@ -156,7 +164,8 @@ class ExpertParallelBackend(JaxBackend):
 
         def local(x, W, e, *b):
             first = jax.lax.axis_index(EXPERT) * n_local
-            pre = grouped_encode(_gather_group(x), W, b[0] if b else None, _gather_group(e) - first)
+            pre = grouped_encode(_gather_group(x), W, b[0] if b else None, _gather_group(e) - first,
+                                 self.dispatch_mode)
             return _scatter_group(pre)
 
         args, specs = (x_centered, W_enc, expert), (_TOKENS, _BY_EXPERT, _TOKENS)
@@ -169,15 +178,15 @@ class ExpertParallelBackend(JaxBackend):
         R divides evenly (else replicated and decoded per device) -> (batch, d)."""
         rows = W_dec_flat.shape[0]
         if rows % self.n_ep:
-            return jax.shard_map(gather_decode, mesh=self.mesh, in_specs=(_TOKENS, _TOKENS, P()),
-                                 out_specs=_TOKENS)(values, indices, W_dec_flat)
+            return jax.shard_map(functools.partial(sparse_decode, mode=self.dispatch_mode), mesh=self.mesh,
+                                 in_specs=(_TOKENS, _TOKENS, P()), out_specs=_TOKENS)(values, indices, W_dec_flat)
         n_local = rows // self.n_ep
 
         def local(v, idx, table):
             local_idx = _gather_group(idx) - jax.lax.axis_index(EXPERT) * n_local
             mine = (local_idx >= 0) & (local_idx < n_local)
             v_mine = jnp.where(mine, _gather_group(v), jnp.zeros((), v.dtype))
-            return _scatter_group(gather_decode(v_mine, jnp.where(mine, local_idx, 0), table))
+            return _scatter_group(sparse_decode(v_mine, jnp.where(mine, local_idx, 0), table, self.dispatch_mode))
 
         return jax.shard_map(local, mesh=self.mesh, in_specs=(_TOKENS, _TOKENS, _BY_EXPERT),
                              out_specs=_TOKENS)(values, indices, W_dec_flat)

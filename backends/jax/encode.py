@@ -1,31 +1,73 @@
-"""The expert encoder on JAX: a grouped matmul (`jax.lax.ragged_dot`) over tokens sorted by
-expert.  Every shape is static (batch fixed; group sizes are data), so it traces once under
-`jax.jit`.
+"""The expert encoder on JAX: each token through its own expert only (`dispatch`: tiles on CPU,
+one `ragged_dot` on TPU/GPU), with a sparse backward.
+
+`encode_topk` fuses encode, ReLU and TopK.  After ReLU and TopK the gradient reaching the
+pre-activations is non-zero only at each token's k kept entries, so its backward is made of
+sums over those (batch, k) entries (Gao et al. 2024), with c = expert * m + i the global latent:
+  dW_enc[:, c] = sum_t g[t, j] x_c[t]      (scattered into an (M, d) table, one expert's tiles
+                                            at a time on CPU; transposed once to (N, d, m))
+  db_enc[c]    = sum_t g[t, j]             (per-latent sums)
+  db_pre       = -sum_c db_enc[c] W_enc[:, c]
+  dx[t]        = sum_j g[t, j] W_enc[:, c]  (only when x needs a gradient; dropped by jit else)
+No (batch, m) gradient exists.  With keep_acts (AuxK reads acts) the acts' gradient is dense
+and the backward takes the dense per-tile products.
 
 GPU note: on GPU, XLA may run `ragged_dot` as a zero-padded (N, batch, ...) expansion instead
 of a grouped GEMM.  JAX's Pallas/Triton lowering avoids that; `use_pallas_ragged_dot()`
-switches it on (it needs a JAX build that ships the kernel).  On CPU, JAX always lowers
-`ragged_dot` to that masked expansion: correct, but it does the dense amount of work.
+switches it on (it needs a JAX build that ships the kernel).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import jax
 import jax.numpy as jnp
 
+from . import dispatch as D
+
 _PALLAS_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
 _PALLAS_MODULE = "jax._src.lax.pallas_lowerings.gpu.ragged_dot"
 
 
-def grouped_encode(x, W_enc, b_enc, group_ids):
-    """Each token times its own group's encoder, as ONE `ragged_dot` over tokens sorted by group.
+def grouped_encode(x, W_enc, b_enc, group_ids, mode: str = "tiles"):
+    """Each token times its own group's encoder.  x: (batch, d); W_enc: (G, d, m); b_enc:
+    (G, m) or None; group_ids: (batch,) int -> (batch, m).  Tokens whose id lies outside
+    [0, G) get zero rows (the expert-parallel path uses this for tokens another device owns).
+    mode: "tiles" or "ragged" (`dispatch`)."""
+    if mode == "ragged":
+        return _ragged_encode(x, W_enc, b_enc, group_ids)
+    return _tiled_encode(x, W_enc, b_enc, group_ids)
 
-    x: (batch, d); W_enc: (G, d, m); b_enc: (G, m) or None; group_ids: (batch,) int.
-    -> (batch, m).  Tokens whose id lies outside [0, G) get zero rows (the expert-parallel
-    path uses this for tokens another device owns).
-    """
+
+def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, mode: str = "tiles",
+                dead=None, aux_k: int = 0):
+    """relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) and its TopK (spec tie rule), and
+    with `dead` AuxK's TopK from the same activations (scale's `Backend.encode_topk_aux`).
+    x: (batch, d); b_pre: (d,); W_enc: (N, d, m); b_enc: (N, m) or None; expert: (batch,);
+    dead: (N, m) bool or None -> acts (batch, m) (None without keep_acts), values (batch, k),
+    local indices (batch, k), and with dead: aux_values, aux_indices (batch, aux_k), the top
+    aux_k of acts masked to the token's expert's dead latents."""
+    if keep_acts:  # acts carry gradient themselves: the dense backward
+        pre = grouped_encode(x - b_pre, W_enc, b_enc, expert, mode)
+        acts = jnp.maximum(pre, jnp.zeros((), pre.dtype))
+        values, indices = jax.lax.top_k(acts, k)
+        if dead is None:
+            return acts, values, indices
+        return (acts, values, indices, *_dead_topk(acts, dead[expert], aux_k))
+    out = _sparse_encode_topk(k, aux_k if dead is not None else 0, mode, x, b_pre, W_enc, b_enc, expert, dead)
+    return (None, *out)
+
+
+def _dead_topk(acts, dead_rows, aux_k):
+    """TopK of acts (T, m) masked to dead_rows (T, m) bool."""
+    return tuple(jax.lax.top_k(jnp.where(dead_rows, acts, jnp.zeros((), acts.dtype)), aux_k))
+
+
+# -- the plain encoder (dense pre-activation gradient) --------------------------------------
+def _ragged_encode(x, W_enc, b_enc, group_ids):
+    """One `ragged_dot` over tokens sorted by group; autodiff gives its grouped backward."""
     n_groups = W_enc.shape[0]
     mine = (group_ids >= 0) & (group_ids < n_groups)
     key = jnp.where(mine, group_ids, n_groups).astype(jnp.int32)  # foreign tokens sort last
@@ -40,6 +82,123 @@ def grouped_encode(x, W_enc, b_enc, group_ids):
     return jnp.where(mine[:, None], pre, jnp.zeros_like(pre))
 
 
+def _expert(W, group):
+    return jax.lax.dynamic_index_in_dim(W, group, keepdims=False)
+
+
+def _tile_pre(W_enc, b_enc, group, x_tile):
+    """(rows, d) tile of one group -> its pre-activations (rows, m)."""
+    pre = x_tile @ _expert(W_enc, group)
+    return pre if b_enc is None else pre + _expert(b_enc, group)
+
+
+@jax.custom_vjp
+def _tiled_encode(x, W_enc, b_enc, group_ids):
+    return _tiled_encode_fwd(x, W_enc, b_enc, group_ids)[0]
+
+
+def _tiled_encode_fwd(x, W_enc, b_enc, group_ids):
+    plan = D.plan_tiles(group_ids, W_enc.shape[0])
+    x_tiles = D.to_tiles(x, plan)
+    pre = D.from_tiles(D.map_tiles(functools.partial(_tile_pre, W_enc, b_enc), plan, x_tiles), plan)
+    return pre, (plan, x_tiles, x, W_enc, b_enc)
+
+
+def _tiled_encode_bwd(res, grad_pre):
+    plan, x_tiles, x, W_enc, b_enc = res
+    grads = _dense_tile_grads(plan, x_tiles, D.to_tiles(grad_pre, plan), W_enc, b_enc is not None)
+    return (*_like_primals(grads, (x, W_enc, b_enc)), None)
+
+
+def _like_primals(cotangents, primals):
+    return tuple(None if c is None else D.cotangent_like(c, p) for c, p in zip(cotangents, primals))
+
+
+_tiled_encode.defvjp(_tiled_encode_fwd, _tiled_encode_bwd)
+
+
+def _dense_tile_grads(plan, x_tiles, grad_tiles, W_enc, has_bias):
+    """Gradients from a dense pre-activation gradient in tiles (n_tiles, rows, m):
+    -> dx (batch, d), dW_enc (G, d, m), db_enc (G, m) or None."""
+    acc_dtype = jnp.promote_types(W_enc.dtype, jnp.float32)
+    grad_x = D.from_tiles(D.map_tiles(lambda g, gt: gt @ _expert(W_enc, g).T, plan, grad_tiles), plan)
+
+    def add(acc, g, xt, gt):
+        dW, db = acc
+        dW = dW.at[g].add(jnp.matmul(xt.T, gt, preferred_element_type=acc_dtype))
+        return dW, db.at[g].add(jnp.sum(gt.astype(acc_dtype), axis=0))
+
+    zeros = (jnp.zeros(W_enc.shape, acc_dtype), jnp.zeros((W_enc.shape[0], W_enc.shape[2]), acc_dtype))
+    dW, db = D.accumulate_tiles(add, zeros, plan, x_tiles, grad_tiles)
+    return grad_x, dW.astype(W_enc.dtype), db.astype(W_enc.dtype) if has_bias else None
+
+
+# -- the fused encoder + ReLU + TopK with the sparse backward --------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sparse_encode_topk(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead):
+    return _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead)[0]
+
+
+def _kept(acts, dead_rows, k, aux_k):
+    """TopK of acts (T, m), and AuxK's (of the dead_rows) when aux_k: 2 or 4 arrays (T, .)."""
+    kept = tuple(jax.lax.top_k(acts, k))
+    return kept + _dead_topk(acts, dead_rows, aux_k) if aux_k else kept
+
+
+def _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead):
+    x_centered = x - b_pre
+    relu = lambda pre: jnp.maximum(pre, jnp.zeros((), pre.dtype))
+    if mode == "ragged":
+        acts = relu(_ragged_encode(x_centered, W_enc, b_enc, expert))
+        out = _kept(acts, dead[expert] if aux_k else None, k, aux_k)
+        plan, x_rows, tiled = None, x_centered, out
+    else:
+        plan = D.plan_tiles(expert, W_enc.shape[0])
+        x_rows = D.to_tiles(x_centered, plan)
+
+        def tile(group, xt):
+            acts = relu(_tile_pre(W_enc, b_enc, group, xt))
+            dead_rows = jnp.broadcast_to(_expert(dead, group), acts.shape) if aux_k else None
+            return _kept(acts, dead_rows, k, aux_k)
+
+        tiled = D.map_tiles(tile, plan, x_rows)
+        out = tuple(D.from_tiles(t, plan) for t in tiled)
+    # the backward's entries: the kept values and their local ids, main TopK then AuxK's
+    values, indices = jnp.concatenate(tiled[0::2], -1), jnp.concatenate(tiled[1::2], -1)
+    return out, (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert)
+
+
+def _sparse_encode_topk_bwd(k, aux_k, mode, res, cotangents):
+    plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert = res
+    n, d, m = W_enc.shape
+    acc_dtype = jnp.promote_types(W_enc.dtype, jnp.float32)
+    grad_values = jnp.concatenate(cotangents[0::2], -1)  # main TopK's, then AuxK's
+    if plan is None:  # ragged: the (batch, k) entries at once
+        g = grad_values * (values > 0)  # through relu: zero where the kept value is 0
+        latents = expert[:, None].astype(indices.dtype) * m + indices
+        table = jnp.zeros((n * m, d), acc_dtype).at[latents.reshape(-1)].add(
+            (g[:, :, None] * x_rows[:, None, :]).reshape(-1, d).astype(acc_dtype), mode="drop")
+        rows_grad = lambda table_of_W: D.gather_sum(g, latents, table_of_W)
+    else:  # tiles: one expert's tiles at a time, its rows of the table in cache
+        g = D.to_tiles(grad_values, plan) * (values > 0)
+        latents = plan.tile_group[:, None, None] * m + indices
+        table = D.accumulate_tiles(lambda acc, _, lt, gt, xt: D.scatter_outer(acc, lt, gt, xt),
+                                   jnp.zeros((n * m, d), acc_dtype), plan, latents, g, x_rows)
+        rows_grad = lambda table_of_W: D.from_tiles(
+            D.map_tiles(lambda _, gt, lt: D.gather_sum(gt, lt, table_of_W), plan, g, latents), plan)
+    sums = jnp.zeros(n * m, acc_dtype).at[latents.reshape(-1)].add(g.reshape(-1).astype(acc_dtype), mode="drop")
+    grad_W = jnp.transpose(table.reshape(n, m, d), (0, 2, 1)).astype(W_enc.dtype)
+    grad_b_pre = -jnp.einsum("nm,ndm->d", sums.reshape(n, m), W_enc.astype(acc_dtype)).astype(W_enc.dtype)
+    grad_b = sums.reshape(n, m).astype(b_enc.dtype) if b_enc is not None else None
+    grad_x = rows_grad(jnp.transpose(W_enc, (0, 2, 1)).reshape(n * m, d))  # jit drops it when unused
+    grads = _like_primals((grad_x.astype(x.dtype), grad_b_pre, grad_W, grad_b), (x, b_pre, W_enc, b_enc))
+    return (*grads, None, None)
+
+
+_sparse_encode_topk.defvjp(_sparse_encode_topk_fwd, _sparse_encode_topk_bwd)
+
+
+# -- GPU lowering switch ---------------------------------------------------------------------
 def use_pallas_ragged_dot(enabled: bool = True) -> None:
     """Switch JAX's Pallas/Triton GPU lowering of `ragged_dot` on or off (process-wide; it
     is part of the jit cache key, so functions recompile).  No effect on CPU/TPU.

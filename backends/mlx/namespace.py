@@ -13,6 +13,8 @@ reads through `array_api_compat.device`.
 
 from __future__ import annotations
 
+import builtins
+
 import mlx.core as mx
 
 if not hasattr(mx.array, "device"):  # guarded: a future MLX may define it
@@ -34,6 +36,7 @@ where = mx.where
 max = mx.max  # noqa: A001
 mean = mx.mean
 sum = mx.sum  # noqa: A001
+any = mx.any  # noqa: A001
 
 
 def astype(x, dtype, /, *, copy: bool = True, device=None):
@@ -108,7 +111,7 @@ def arange(start, /, stop=None, step=1, *, dtype=None, device=None):
 
 
 def _default_arange_dtype(*bounds):
-    return float32 if any(isinstance(b, float) for b in bounds) else INDEX_DTYPE
+    return float32 if builtins.any(isinstance(b, float) for b in bounds) else INDEX_DTYPE
 
 
 def ones(shape, *, dtype=None, device=None):

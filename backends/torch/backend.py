@@ -96,11 +96,13 @@ class TorchBackend(Backend):
         """clip -> drop decoder-parallel gradient -> Adam -> renormalise decoder, fused and IN
         PLACE: params, grads and opt_state's moments are overwritten.  -> (params, opt_state).
 
-        The returned W_enc (and its moments) are `latent_major`: same shape and values, strides
-        that spare the encoder backward two transposed copies per step (set on the first call)."""
-        if "W_enc" in params:  # the gradient and moments follow the parameter's layout
-            params = dict(params, W_enc=latent_major(params["W_enc"]))
-        return fused_update(params, grads, opt_state, lr, max_grad_norm, betas)
+        The returned W_enc (and its moments) are in the `training_layout`."""
+        return fused_update(self.training_layout(params), grads, opt_state, lr, max_grad_norm, betas)
+
+    def training_layout(self, arrays):
+        """W_enc `latent_major`: same shape and values, strides that spare the encoder backward
+        two transposed copies per step (its gradient and moments follow the parameter's layout)."""
+        return dict(arrays, W_enc=latent_major(arrays["W_enc"])) if "W_enc" in arrays else arrays
 
     def block_until_ready(self, tree):
         if self.device.type == "cuda":

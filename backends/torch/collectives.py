@@ -93,37 +93,28 @@ class Comm:
     # -- with gradient ------------------------------------------------------------------------
     def all_gather_grad(self, a, label: str):
         """all_gather whose backward reduce-scatters the gradient (sum over ranks)."""
-        return _AllGather.apply(a, self, label)
+        return _Mirrored.apply(a, self, label, "all_gather", "reduce_scatter")
 
     def reduce_scatter_grad(self, a, label: str):
         """reduce_scatter whose backward all-gathers the gradient."""
-        return _ReduceScatter.apply(a, self, label)
+        return _Mirrored.apply(a, self, label, "reduce_scatter", "all_gather")
 
     def all_to_all_grad(self, a, out_splits: list, in_splits: list, label: str):
         """all_to_all whose backward sends the gradient rows back the way they came."""
         return _AllToAll.apply(a, out_splits, in_splits, self, label)
 
 
-class _AllGather(torch.autograd.Function):
+class _Mirrored(torch.autograd.Function):
+    """A collective whose backward is its mirror (all-gather <-> reduce-scatter), by name."""
+
     @staticmethod
-    def forward(ctx, a, comm, label):
-        ctx.comm, ctx.label = comm, label
-        return comm.all_gather(a, label)
+    def forward(ctx, a, comm, label, op, mirror):
+        ctx.comm, ctx.label, ctx.mirror = comm, label, mirror
+        return getattr(comm, op)(a, label)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.reduce_scatter(grad, ctx.label + "_backward"), None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, comm, label):
-        ctx.comm, ctx.label = comm, label
-        return comm.reduce_scatter(a, label)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.comm.all_gather(grad, ctx.label + "_backward"), None, None
+        return getattr(ctx.comm, ctx.mirror)(grad, ctx.label + "_backward"), None, None, None, None
 
 
 class _AllToAll(torch.autograd.Function):

@@ -1,17 +1,15 @@
 """Which device the torch backend puts arrays on: $SWITCHSAE_DEVICE, else CUDA when present, else
-CPU; and how CPU memory is handed out."""
+CPU.  How CPU memory is handed out: `switchsae.backends.host_memory` (shared with JAX)."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import platform
 
 import torch
 
+from ..host_memory import KEEP_FREED_ENV_VAR, keep_freed_cpu_memory  # noqa: F401 - re-exported
+
 ENV_VAR = "SWITCHSAE_DEVICE"
-KEEP_FREED_ENV_VAR = "SWITCHSAE_KEEP_FREED_MEMORY"
 
 
 class DeviceError(RuntimeError):
@@ -32,18 +30,3 @@ def select_device(name: str | None = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"{ENV_VAR}={name!r} asks for MPS, but it is not available")
     return device
-
-
-@functools.cache
-def keep_freed_cpu_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than return it to the kernel
-    (M_MMAP_MAX 0: large blocks come from the heap; M_TRIM_THRESHOLD 1 GiB: no trimming), as
-    CUDA's caching allocator does for GPU memory.  A train step allocates the same (batch, d) and
-    (N, m, d) buffers every step; handed back, each is page-faulted in again (about 5 % of a CPU
-    step).  Process-wide; off with $SWITCHSAE_KEEP_FREED_MEMORY=0.  -> whether it was applied
-    (False without glibc, e.g. on macOS)."""
-    if os.environ.get(KEEP_FREED_ENV_VAR, "1") == "0" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))

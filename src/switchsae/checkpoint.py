@@ -2,7 +2,8 @@
 
 A checkpoint is a directory:
 
-    cfg.json                  {"format": "switchsae", "format_version": 1, <SwitchSAEConfig fields>}
+    cfg.json                  {"format": "switchsae", "format_version": 1, <SwitchSAEConfig fields>,
+                              "sha256": {file name: digest of every other file}}
     sae_weights.safetensors   the spec's parameter names -> arrays (bfloat16 models as float32);
                               always the model for *raw* activations (any scaling folded in)
     optimizer.safetensors     (resumable checkpoints) "m.<name>", "v.<name>": Adam moments;
@@ -11,24 +12,24 @@ A checkpoint is a directory:
                               counters, activation scale, TrainConfig, ...
 
 It is built in a hidden temporary directory beside the target (every file fsynced) and moved
-into place with one rename, so a reader never sees a half-written checkpoint.  A training run
-keeps its checkpoints in `<run>/checkpoints/step_<n>`; `load(<run>)` takes the newest.
+into place with one rename (`switchsae.files.atomic_write_dir`), so a reader never sees a
+half-written checkpoint, and a replace killed between its renames is completed by the next
+reader.  Reading verifies every file against its digest in cfg.json.  A training run keeps
+its checkpoints in `<run>/checkpoints/step_<n>`; `load(<run>)` takes the newest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from switchsae.core.config import ConfigError, SwitchSAEConfig
-from switchsae.files import fsync_dir
+from switchsae.files import atomic_write_dir, recover_dir
 
 FORMAT = "switchsae"
 FORMAT_VERSION = 1
@@ -36,6 +37,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+DIGESTS_KEY = "sha256"
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -65,10 +67,7 @@ def write_checkpoint(path, cfg: SwitchSAEConfig, params: dict, *, optimizer: dic
     params: name -> NumPy array (raw-space model).  Refuses non-finite arrays (naming the
     tensor) so nothing corrupt is ever saved.  overwrite: replace an existing checkpoint."""
     _check_arrays(params, cfg.param_shapes(), "parameter")
-    files = {
-        CFG_FILE: _json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict()}),
-        WEIGHTS_FILE: _safetensors_bytes(params, {"format": FORMAT, "dtype": cfg.dtype}),
-    }
+    files = {WEIGHTS_FILE: _safetensors_bytes(params, {"format": FORMAT, "dtype": cfg.dtype})}
     if optimizer is not None:
         moments = {}
         for kind in ("m", "v"):
@@ -78,7 +77,18 @@ def write_checkpoint(path, cfg: SwitchSAEConfig, params: dict, *, optimizer: dic
             moments, {"format": FORMAT, "step": str(int(optimizer["step"]))})
     if trainer_state is not None:
         files[STATE_FILE] = _json_bytes(trainer_state)
-    return write_dir_atomically(Path(path), files, overwrite)
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    files[CFG_FILE] = _json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict(),
+                                   DIGESTS_KEY: digests})
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty directory holds nothing to lose
+    recover_dir(path)
+    if path.exists() and not (overwrite and is_native(path)):
+        what = ("a switchsae checkpoint (pass overwrite=True)" if is_native(path)
+                else "not a switchsae checkpoint")
+        raise CheckpointError(f"{path} already exists and is {what}; not overwriting")
+    return atomic_write_dir(path, files)
 
 
 def save(sae, path, overwrite: bool = True) -> Path:
@@ -103,6 +113,13 @@ def _check_arrays(arrays: dict, shapes: dict, what: str, where: str = "refusing 
             raise CheckpointError(f"{where}: {what} {name} holds NaN or inf")
 
 
+def _in_config_order(arrays: dict, shapes: dict) -> dict:
+    """`arrays` keyed in the config's parameter order (safetensors stores names sorted): sums
+    over parameters, such as the global gradient norm, then add in the order of a live run, which
+    is what makes a resumed run exact."""
+    return {name: arrays[name] for name in shapes}
+
+
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode()
 
@@ -111,38 +128,6 @@ def _safetensors_bytes(arrays: dict, metadata: dict) -> bytes:
     from safetensors.numpy import save as st_save
 
     return st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
-
-
-def write_dir_atomically(path: Path, files: dict, overwrite: bool) -> Path:
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()  # an empty directory holds nothing to lose
-    if path.exists() and not (overwrite and is_native(path)):
-        what = ("a switchsae checkpoint (pass overwrite=True)" if is_native(path)
-                else "not a switchsae checkpoint")
-        raise CheckpointError(f"{path} already exists and is {what}; not overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    old = None
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.rename(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -158,13 +143,16 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / CFG_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
 def resolve(path) -> Path:
     """A checkpoint directory, or a run directory -> its newest checkpoint."""
     path = Path(path)
+    if not path.exists():
+        recover_dir(path, clean=False)  # a replace killed between its two renames
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if (path / CFG_FILE).is_file() or not (path / CHECKPOINTS_DIR).is_dir():
@@ -185,6 +173,7 @@ def read_checkpoint(path, *, training_state: bool = True) -> Checkpoint:
     raw = _read_json(path / CFG_FILE)
     version = raw.pop("format_version", None)
     raw.pop("format")
+    digests = raw.pop(DIGESTS_KEY, {})
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path / CFG_FILE}: format_version {version!r} is not supported "
                               f"(this switchsae reads up to {FORMAT_VERSION})")
@@ -193,17 +182,22 @@ def read_checkpoint(path, *, training_state: bool = True) -> Checkpoint:
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path / CFG_FILE}: invalid config: {e}") from e
     shapes = cfg.param_shapes()
+    _verify(path, WEIGHTS_FILE, digests)
     params, _ = read_safetensors(path / WEIGHTS_FILE)
     _check_arrays(params, shapes, "parameter", str(path / WEIGHTS_FILE))
+    params = _in_config_order(params, shapes)
     ckpt = Checkpoint(path, cfg, params)
     if training_state and (path / OPTIMIZER_FILE).is_file():
+        _verify(path, OPTIMIZER_FILE, digests)
         moments, meta = read_safetensors(path / OPTIMIZER_FILE)
         opt = {"step": int(meta.get("step", -1))}
         for kind in ("m", "v"):
             opt[kind] = {k[len(kind) + 1:]: a for k, a in moments.items() if k.startswith(kind + ".")}
             _check_arrays(opt[kind], shapes, f"Adam {kind}", str(path / OPTIMIZER_FILE))
+            opt[kind] = _in_config_order(opt[kind], shapes)
         ckpt.optimizer = opt
     if training_state and (path / STATE_FILE).is_file():
+        _verify(path, STATE_FILE, digests)
         ckpt.trainer_state = _read_json(path / STATE_FILE)
     return ckpt
 
@@ -223,6 +217,27 @@ def load(path, backend=None, dtype: str | None = None):
         raise CheckpointError(f"{path} holds a {cfg.dtype} model, which backend {backend.name!r} does not "
                               f"support; load it with dtype= one of {list(backend.dtypes)}")
     return SwitchSAE.from_params(cfg, ckpt.params, backend)
+
+
+def _verify(path: Path, name: str, digests) -> None:
+    """CheckpointError unless file `name` matches its digest in cfg.json (checkpoints written
+    before digests were recorded have none: nothing to verify)."""
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"{path / CFG_FILE}: {DIGESTS_KEY!r} must map file names to digests")
+    if name not in digests:
+        return
+    if not (path / name).is_file():
+        raise CheckpointError(f"checkpoint file {path / name} is missing")
+    h = hashlib.sha256()
+    try:
+        with open(path / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {path / name}: {e.strerror or e}") from e
+    if h.hexdigest() != digests[name]:
+        raise CheckpointError(f"{path / name} is corrupt: its sha256 does not match the one recorded in "
+                              f"{CFG_FILE} when it was saved (changed or damaged since)")
 
 
 def _read_json(path: Path) -> dict:

@@ -19,18 +19,21 @@ import sys
 import time
 from pathlib import Path
 
-# Defaults of `switchsae train`, tuned on the run with no arguments (N = 8, k = 32,
-# M = 8 * d_in on MiniLM-L6 layer 3 of Python's docs; held-out FVU after 120 steps of 2048
-# tokens, torch): lr 2e-3 0.205, 4e-3 0.182; at lr 4e-3 the load-balancing weight 3 * d_in
-# (the paper's) 0.182, 0.3 * d_in 0.148, 0.1 * d_in 0.143 (still balanced: load entropy
-# 2.074 of log 8 = 2.079), 0.01 * d_in 0.152 (unbalanced: entropy 1.70, 25% dead).
-DEFAULTS = {"experts": 8, "k": 32, "expansion": 8, "lb_alpha": 0.1, "auxk_coef": 1 / 32,
-            "dead_tokens": 100_000, "steps": 1000, "batch_size": 2048, "lr": 4e-3, "warmup": 10,
+from switchsae.training.run_dir import check_new_run_dir
+from switchsae.validation import (OneLineParser, check_model_dir, check_output_dir, finite_float,
+                                  nonnegative_int, positive_int)
+
+# Sizes and bookkeeping of `switchsae train` with no arguments (N = 8, k = 32, M = 8 * d_in).
+# The losses, learning rate, warm-up and dead-latent window are the library's defaults
+# (`SwitchSAEConfig`, `TrainConfig`: measured, README "Training defaults"); --preset paper
+# takes the paper's.
+DEFAULTS = {"experts": 8, "k": 32, "expansion": 8, "steps": 1000, "batch_size": 2048,
             "log_every": 10, "checkpoint_every": 250, "seed": 0, "eval_tokens": 65_536}
+PRESETS = ("default", "paper")
 # options that a resumed run takes from its checkpoint instead
 _RUN_OPTIONS = ("data", "text", "model", "layer", "eval_data", "holdout_every", "d_in", "latents",
-                "experts", "k", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
-                "seed", "log_every", "checkpoint_every", "dead_tokens", "no_normalize", "no_cache", "out",
+                "experts", "k", "preset", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
+                "seed", "log_every", "checkpoint_every", "dead_tokens", "no_normalize", "no_cache",
                 "text_column", "one_per_line", "max_length")
 
 
@@ -49,27 +52,29 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from switchsae.backends import BackendError
-    from switchsae.checkpoint import CheckpointError
-    from switchsae.core.config import ConfigError
-    from switchsae.data import DataError
-    from switchsae.interop import InteropError
+    return run_command(args.command, args.handler, args)
+
+
+def run_command(command: str, handler, args) -> int:
+    """handler(args), with every library error as one line on stderr: exit 2 for bad input
+    (found before any work), 1 for a training run that started and had to stop.  Any other
+    exception is a bug and keeps its traceback."""
     from switchsae.training import TrainingError
+    from switchsae.validation import library_errors
 
     try:
-        return args.handler(args)
-    except (CLIError, BackendError, CheckpointError, ConfigError, DataError, InteropError,
-            TrainingError, FileExistsError) as e:
-        print(f"switchsae {args.command}: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingError) else 1
+        return handler(args)
+    except (CLIError, *library_errors()) as e:
+        print(f"switchsae {command}: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
 
 
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="switchsae", description="Train and evaluate Switch Sparse Autoencoders.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _train_parser(sub)
     _eval_parser(sub)
     _harvest_parser(sub)
@@ -98,12 +103,14 @@ def _add_text_source(p, with_data: bool) -> None:
     g.add_argument("--one-per-line", action="store_true", help="a .txt/.md file holds one document per line")
     g.add_argument("--model", metavar="PATH", help="local transformers model directory (default: MiniLM-L6)")
     g.add_argument("--layer", type=int, help="hidden-state index to harvest (0 = embeddings; default 3)")
-    g.add_argument("--max-length", type=int, metavar="T",
+    g.add_argument("--max-length", type=positive_int, metavar="T",
                    help="tokens per window; longer documents are split into windows (default 128)")
     g.add_argument("--device", help="where the model runs: cpu, cuda, cuda:1, ... (default: CUDA if present)")
 
 
 def _train_parser(sub) -> None:
+    from switchsae.core.config import AUXK_COEF, LB_ALPHA, LR_ANCHOR, LR_MAX
+
     d = DEFAULTS
     p = sub.add_parser("train", help="train a Switch SAE", description=(
         "Train a Switch SAE; writes checkpoints, metrics.jsonl, report.txt, curves.png and eval.json "
@@ -113,28 +120,31 @@ def _train_parser(sub) -> None:
     g = p.add_argument_group("data (continued)")
     g.add_argument("--eval-data", metavar="DIR", help="held-out shard directory for the final evaluation "
                    "(with --data; default: evaluate on the training shards)")
-    g.add_argument("--holdout-every", type=int, metavar="N",
+    g.add_argument("--holdout-every", type=nonnegative_int, metavar="N",
                    help="harvested text: hold out every N-th document for evaluation, 0 = none (default 20)")
     g.add_argument("--no-cache", action="store_true", help="do not cache harvested activations")
-    g.add_argument("--harvest-batch-size", type=int, default=32, metavar="B",
+    g.add_argument("--harvest-batch-size", type=positive_int, default=32, metavar="B",
                    help="windows per model forward pass when harvesting (default 32)")
     m = p.add_argument_group("model")
-    m.add_argument("--d-in", type=int, help="expected activation width (checked against the data)")
-    m.add_argument("--latents", type=int, metavar="M", help=f"total latents (default {d['expansion']} * d_in)")
-    m.add_argument("--experts", type=int, metavar="N", help=f"experts (default {d['experts']})")
-    m.add_argument("--k", type=int, help=f"active latents per token (default {d['k']})")
-    m.add_argument("--lb-coef", type=float, help=f"load-balancing weight (default {d['lb_alpha']:g} * d_in; "
-                   "the paper's 3 * d_in measured worse on the default data)")
-    m.add_argument("--auxk-coef", type=float, help=f"AuxK dead-latent loss weight (default {d['auxk_coef']:g})")
+    m.add_argument("--d-in", type=positive_int, help="expected activation width (checked against the data)")
+    m.add_argument("--latents", type=positive_int, metavar="M", help=f"total latents (default {d['expansion']} * d_in)")
+    m.add_argument("--experts", type=positive_int, metavar="N", help=f"experts (default {d['experts']})")
+    m.add_argument("--k", type=positive_int, help=f"active latents per token (default {d['k']})")
+    m.add_argument("--preset", choices=PRESETS, help="'paper': the paper's losses and schedule (lb 3 * d_in, no "
+                   "AuxK, lr 2e-4 / sqrt(M / 2^14), no warm-up); default: the library's measured defaults")
+    m.add_argument("--lb-coef", type=finite_float, help=f"load-balancing weight (default {LB_ALPHA:g} * d_in)")
+    m.add_argument("--auxk-coef", type=finite_float, help=f"AuxK dead-latent loss weight (default {AUXK_COEF:g})")
     m.add_argument("--dtype", help="float32 (default), bfloat16, float16, float64")
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, help=f"updates (default {d['steps']})")
-    t.add_argument("--batch-size", type=int, help=f"tokens per update (default {d['batch_size']})")
-    t.add_argument("--lr", type=float, help=f"peak Adam learning rate (default {d['lr']:g})")
-    t.add_argument("--warmup", type=int, help=f"warm-up steps (default {d['warmup']})")
-    t.add_argument("--dead-tokens", type=int, help=f"tokens without firing = dead (default {d['dead_tokens']})")
+    t.add_argument("--steps", type=positive_int, help=f"updates (default {d['steps']})")
+    t.add_argument("--batch-size", type=positive_int, help=f"tokens per update (default {d['batch_size']})")
+    t.add_argument("--lr", type=finite_float, help=f"peak Adam learning rate (default {LR_ANCHOR:g} / sqrt(m / 2^14), "
+                   f"m = latents per expert, at most {LR_MAX:g})")
+    t.add_argument("--warmup", type=nonnegative_int, help="warm-up steps (default 1%% of --steps)")
+    t.add_argument("--dead-tokens", type=positive_int, help="tokens without firing = dead (default 5%% of the run's "
+                   "tokens, at most 10M)")
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")
-    t.add_argument("--seed", type=int, help=f"initialisation and data-order seed (default {d['seed']})")
+    t.add_argument("--seed", type=nonnegative_int, help=f"initialisation and data-order seed (default {d['seed']})")
     t.add_argument("--parallel", choices=("data", "expert"),
                    help="'data' splits every batch, 'expert' also splits the experts: torch over the "
                         "processes of a torchrun launch, jax over its devices, mlx (data only) over "
@@ -142,11 +152,12 @@ def _train_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
     o.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR (its settings come from the checkpoint)")
-    o.add_argument("--log-every", type=int, help=f"steps between metric lines (default {d['log_every']})")
-    o.add_argument("--checkpoint-every", type=int,
+                   help="continue the run in DIR (its settings, backend included, come from the checkpoint); "
+                        "with --out, continue into that new directory instead")
+    o.add_argument("--log-every", type=positive_int, help=f"steps between metric lines (default {d['log_every']})")
+    o.add_argument("--checkpoint-every", type=positive_int,
                    help=f"steps between checkpoints (default {d['checkpoint_every']})")
-    o.add_argument("--eval-tokens", type=int,
+    o.add_argument("--eval-tokens", type=positive_int,
                    help=f"tokens for the final evaluation (default {d['eval_tokens']})")
     o.add_argument("--wandb", metavar="PROJECT",
                    help="also log the metrics to this Weights & Biases project (WANDB_MODE=offline works)")
@@ -164,8 +175,8 @@ def _eval_parser(sub) -> None:
     _add_backend(p)
     _add_text_source(p, with_data=False)
     p.add_argument("--dtype", help="load the model in this dtype (e.g. float32 for a bfloat16 model on numpy)")
-    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all)")
-    p.add_argument("--harvest-batch-size", type=int, default=32, metavar="B",
+    p.add_argument("--max-tokens", type=positive_int, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--harvest-batch-size", type=positive_int, default=32, metavar="B",
                    help="windows per model forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=cmd_eval)
@@ -177,10 +188,10 @@ def _harvest_parser(sub) -> None:
         "with a manifest.json (usable with `switchsae train --data OUT`)."))
     p.add_argument("out", metavar="OUT", help="output directory")
     _add_text_source(p, with_data=False)
-    p.add_argument("--max-tokens", type=int, help="stop after this many tokens")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per model forward pass (default 32)")
+    p.add_argument("--max-tokens", type=positive_int, help="stop after this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per model forward pass (default 32)")
     p.add_argument("--format", choices=("npy", "safetensors"), default="npy", help="shard format")
-    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard")
+    p.add_argument("--shard-tokens", type=positive_int, default=65536, help="rows per shard")
     p.add_argument("--overwrite", action="store_true", help="replace activation data already in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_harvest)
@@ -213,17 +224,20 @@ def cmd_train(args) -> int:
 
     from switchsae import get_backend
 
-    name = args.backend or default_backend()
+    state = _resume_state(args) if args.resume else None
+    resumed = state.get("backend") if state else None  # the backend the run used
+    name = args.backend or resumed or default_backend()
     backend = load_parallel_backend(name, args.parallel) if args.parallel else get_backend(name)
     try:
-        return _train(args, backend)
+        return _train(args, backend, state)
     except BaseException:
         backend.shutdown(failed=True)
         raise
 
 
-def _train(args, backend) -> int:
-    from switchsae.training import DataSpec, Trainer, build_sources
+def _train(args, backend, state: dict | None = None) -> int:
+    """Train on `backend`; state: the checkpoint's trainer state when resuming (read here if None)."""
+    from switchsae.training import DataSpec, TrainConfig, Trainer, build_sources
 
     main = backend.rank == 0  # parallel: rank 0 alone prints and writes
     progress = not args.no_progress and main
@@ -239,18 +253,16 @@ def _train(args, backend) -> int:
         return built
 
     if args.resume:
-        given = [f"--{name.replace('_', '-')}" for name in _RUN_OPTIONS
-                 if getattr(args, name) not in (None, False)]
-        if given:
-            raise CLIError(f"--resume takes its settings from the checkpoint; drop {', '.join(given)}")
-        state = _resume_state(args.resume)
+        state = state or _resume_state(args)
         spec = DataSpec.from_dict(state["data_spec"])
-        tc = state["train_config"]
-        train_src, eval_src, eval_label = sources(spec, tc["batch_size"], tc["seed"])
-        trainer = Trainer.resume(args.resume, train_src, backend, progress=progress)
-        tracked = {"data_spec": state["data_spec"], **tc}
+        tc = TrainConfig.from_dict(state["train_config"])  # checked by _resume_state
+        if args.out:
+            check_new_run_dir(args.out)
+        train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
+        trainer = Trainer.resume(args.resume, train_src, backend, out_dir=args.out, progress=progress)
+        tracked = {"data_spec": state["data_spec"], **state["train_config"]}
     else:
-        spec, cfg, tc = _new_run(args)
+        spec, cfg, tc = _new_run(args, backend)
         train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
         trainer = Trainer(cfg, tc, train_src, backend, data_spec=spec.to_dict(), progress=progress)
         tracked = {"data_spec": spec.to_dict(), **cfg.to_dict(), **tc.to_dict()}
@@ -280,23 +292,33 @@ def _tracker(args, run_dir, config: dict):
     return WandbTracker(args.wandb, run_dir, config)
 
 
-def _resume_state(path) -> dict:
-    from switchsae.checkpoint import CheckpointError, read_checkpoint
+def _resume_state(args) -> dict:
+    """The checked trainer state of `--resume DIR` (after refusing run settings given again)."""
+    from switchsae.checkpoint import CheckpointError
+    from switchsae.training.trainer import read_resumable
 
-    state = read_checkpoint(path).trainer_state
-    if not state or not state.get("data_spec"):
-        raise CheckpointError(f"{path} was not written by `switchsae train`: "
+    given = [f"--{name.replace('_', '-')}" for name in _RUN_OPTIONS if getattr(args, name) not in (None, False)]
+    if given:
+        raise CLIError(f"--resume takes its settings from the checkpoint; drop {', '.join(given)}")
+    _, state, _ = read_resumable(args.resume)
+    if not state.get("data_spec"):
+        raise CheckpointError(f"{args.resume} was not written by `switchsae train`: "
                               "no data description to resume with")
     return state
 
 
-def _new_run(args):
+def _new_run(args, backend):
+    """(DataSpec, SwitchSAEConfig, TrainConfig) of the arguments, everything checked that can
+    be before the data is read: the output directory, the configs, the memory they need."""
     from switchsae.core.config import SwitchSAEConfig
     from switchsae.training import DataSpec, TrainConfig
+    from switchsae.training.trainer import check_config
 
     def pick(name):
         return DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
 
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    check_new_run_dir(out)
     given = {"layer": args.layer, "holdout_every": args.holdout_every, "text_column": args.text_column,
              "max_length": args.max_length}
     spec = DataSpec(shards=args.data, text=args.text, model=args.model, eval_shards=args.eval_data,
@@ -307,18 +329,18 @@ def _new_run(args):
     d_in = spec.d_in()
     if args.d_in is not None and args.d_in != d_in:
         raise CLIError(f"--d-in {args.d_in} does not match the data, whose activations have d_in={d_in}")
-    cfg = SwitchSAEConfig(
-        d_in=d_in, n_latents=args.latents or DEFAULTS["expansion"] * d_in, n_experts=pick("experts"),
-        k=pick("k"), lb_coef=DEFAULTS["lb_alpha"] * d_in if args.lb_coef is None else args.lb_coef,
-        auxk_coef=pick("auxk_coef"), dead_tokens=pick("dead_tokens"),
-        dtype=args.dtype or "float32")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and any(out.iterdir()):
-        raise CLIError(f"output directory {out} is not empty; use --resume {out} or another --out")
-    tc = TrainConfig(steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"),
-                     warmup_steps=pick("warmup"), seed=pick("seed"), log_every=pick("log_every"),
-                     checkpoint_every=pick("checkpoint_every"), normalize=not args.no_normalize,
-                     out_dir=str(out))
+    given_cfg = {"lb_coef": args.lb_coef, "auxk_coef": args.auxk_coef, "dead_tokens": args.dead_tokens,
+                 "dtype": args.dtype}
+    cfg = SwitchSAEConfig.preset(args.preset or "default", d_in=d_in,
+                                 n_latents=args.latents or DEFAULTS["expansion"] * d_in,
+                                 n_experts=pick("experts"), k=pick("k"),
+                                 **{k: v for k, v in given_cfg.items() if v is not None})
+    given_tc = {"lr": args.lr, "warmup_steps": args.warmup}
+    tc = TrainConfig.preset(args.preset or "default", steps=pick("steps"), batch_size=pick("batch_size"),
+                            seed=pick("seed"), log_every=pick("log_every"),
+                            checkpoint_every=pick("checkpoint_every"), normalize=not args.no_normalize,
+                            out_dir=str(out), **{k: v for k, v in given_tc.items() if v is not None})
+    check_config(cfg, tc, backend)
     return spec, cfg, tc
 
 
@@ -326,7 +348,8 @@ def _finish(args, trainer, result, spec, eval_src, eval_label) -> None:
     from switchsae.training import evaluate, write_report
 
     cfg, tc = trainer.cfg, trainer.tc
-    evaluation = evaluate(result.sae, eval_src, args.eval_tokens or DEFAULTS["eval_tokens"])
+    evaluation = evaluate(result.sae, eval_src,
+                          DEFAULTS["eval_tokens"] if args.eval_tokens is None else args.eval_tokens)
     last = result.history[-1] if result.history else {}
     summary = {
         "backend": trainer.backend.name, "data": spec.describe(),
@@ -334,7 +357,7 @@ def _finish(args, trainer, result, spec, eval_src, eval_label) -> None:
                  f"dtype={cfg.dtype}",
         "losses": f"lb_coef={cfg.lb_weight:g} auxk_coef={cfg.auxk_coef:g} dead_tokens={trainer.dead_tokens}",
         "steps": f"{result.step} x {tc.batch_size} tokens = {result.step * tc.batch_size} tokens",
-        "learning rate": f"{trainer.peak_lr:g} (warm-up {tc.warmup_steps}, linear decay over the last "
+        "learning rate": f"{trainer.peak_lr:g} (warm-up {tc.warmup}, linear decay over the last "
                          f"{tc.decay_fraction:.0%})",
         "activation scale": f"{trainer.scale:g}" + ("" if tc.normalize else " (normalisation off)"),
         "training time": f"{result.wall_time:.1f} s "
@@ -408,6 +431,9 @@ def _lm_scores(args, sae, spec):
 def cmd_harvest(args) -> int:
     from switchsae.data import DEFAULT_LAYER, cache_activations, read_texts
 
+    check_output_dir(args.out, "harvest output directory")
+    if args.model:
+        check_model_dir(args.model)
     texts = read_texts(args.text, text_column=args.text_column or "text", one_per_line=args.one_per_line) \
         if args.text else None
     layer = DEFAULT_LAYER if args.layer is None else args.layer

@@ -7,10 +7,11 @@ import math
 import numpy as np
 
 from switchsae.core import spec
-from switchsae.core.config import SwitchSAEConfig
+from switchsae.core.config import ConfigError, SwitchSAEConfig
 from switchsae.core.init import init_params
 
 from ._active import get_backend
+from .validation import check_fits_in_memory
 
 
 class InputError(ValueError):
@@ -27,7 +28,11 @@ class SwitchSAE:
 
     @classmethod
     def init(cls, cfg: SwitchSAEConfig, seed: int = 0, backend=None) -> "SwitchSAE":
-        """Random initialisation as specified (same numbers on every backend for a seed)."""
+        """Random initialisation as specified (same numbers on every backend for a seed).
+        A model too large for this machine's memory is a ConfigError stating the bytes needed."""
+        if not isinstance(cfg, SwitchSAEConfig):
+            raise ConfigError(f"cfg must be a SwitchSAEConfig, got {type(cfg).__name__}")
+        check_fits_in_memory(cfg)
         return cls.from_params(cfg, init_params(cfg, seed), backend)  # backend: as from_params
 
     @classmethod
@@ -80,8 +85,8 @@ class SwitchSAE:
     def decode(self, top_values, top_indices):
         """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in).
         Ids from n_latents on are the shared expert's.  NumPy or native arrays."""
+        top_values, top_indices = self._check_codes(top_values, top_indices)
         xp, cfg = self.backend.xp, self.cfg
-        top_values, top_indices = self.backend.asarray(top_values, cfg.dtype), self.backend.asarray(top_indices)
         table = xp.reshape(self.params["W_dec"], (cfg.n_latents, cfg.d_in))
         if not cfg.shared_latents:
             return self.backend.decode(top_values, top_indices, table) + self.params["b_pre"]
@@ -92,6 +97,22 @@ class SwitchSAE:
         x_hat = x_hat + self.backend.decode(xp.where(routed, zeros, top_values), shared_ids,
                                             self.params["W_dec_shared"])
         return x_hat + self.params["b_pre"]
+
+    def _check_codes(self, top_values, top_indices):
+        """InputError unless values and ids are (batch, k) of one shape, the ids integers in
+        0..total_latents-1 (no negative id wraps around to the last latents)."""
+        be, total = self.backend, self.cfg.total_latents
+        v_shape, i_shape = tuple(getattr(top_values, "shape", ())), tuple(getattr(top_indices, "shape", ()))
+        if len(v_shape) != 2 or v_shape != i_shape:
+            raise InputError(f"top_values and top_indices must both have shape (batch, k); got {v_shape} and {i_shape}")
+        ids = be.asarray(top_indices)
+        if "int" not in str(ids.dtype):
+            raise InputError(f"top_indices must be integers; got dtype {ids.dtype}")
+        if i_shape[0] * i_shape[1]:
+            lo, hi = int(be.xp.min(ids)), int(be.xp.max(ids))  # two scalars, not the ids, leave a device
+            if lo < 0 or hi >= total:
+                raise InputError(f"top_indices must be latent ids in 0..{total - 1}; got {lo if lo < 0 else hi}")
+        return be.asarray(top_values, self.cfg.dtype), ids
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         """Parameters as NumPy arrays (bfloat16 as float32)."""

@@ -29,13 +29,18 @@ __all__ = ["DEFAULT_LAYER", "default_model_path", "default_texts", "read_texts",
 DEFAULT_LAYER = 3  # middle of MiniLM-L6's 6 blocks
 
 
-def _check_texts(texts) -> list[str]:
+def _check_texts(texts, max_texts=None, max_tokens=None) -> list[str]:
+    """The texts (default: Python's docs) as a list, the first max_texts of them; DataError for
+    anything else, or for limits that are not integers >= 1 (None: no limit)."""
+    for name, value in (("max_texts", max_texts), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{name} must be an integer >= 1 (or None: all), got {value!r}")
     texts = default_texts() if texts is None else texts
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise DataError("texts must be a sequence of strings")
     if len(texts) == 0:
         raise DataError("texts is empty")
-    return list(texts)
+    return list(texts)[:max_texts]
 
 
 class _Stop(Exception):
@@ -86,7 +91,7 @@ def harvest(model_path: str | os.PathLike | None = None, texts: Sequence[str] | 
     ``device``: where the model runs (None: CUDA when present, else the CPU).
     ``batch_size``: windows per forward pass.
     """
-    texts = _check_texts(texts)[:max_texts]
+    texts = _check_texts(texts, max_texts, max_tokens)
     for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -153,7 +158,7 @@ def cache_activations(model_path: str | os.PathLike | None, texts: Sequence[str]
     ``metadata`` a fingerprint (model path, layer, max_length, sha256 of the texts, ...).
     Texts are batched by length (``sort_by_length``) since row order does not matter here.
     """
-    texts = _check_texts(texts)[:max_texts]
+    texts = _check_texts(texts, max_texts, max_tokens)
     meta = _fingerprint(model_path, texts, layer, max_length, max_tokens, skip_special_tokens)
     with ShardWriter(out_dir, shard_tokens=shard_tokens, metadata=meta, format=format,
                      dtype=np.float32, overwrite=overwrite) as w:
@@ -179,7 +184,7 @@ class HarvestSource(ActivationSource):
                  max_length: int = 128, max_texts: int | None = None, max_tokens: int | None = None,
                  skip_special_tokens: bool = False, device: str | None = None, progress: bool = True,
                  shuffle: bool = True, shuffle_buffer: int = 65536, format: str = "npy"):
-        texts = _check_texts(texts)[:max_texts]
+        texts = _check_texts(texts, max_texts, max_tokens)
         kw = dict(batch_size=harvest_batch_size, max_length=max_length, device=device, progress=progress,
                   max_tokens=max_tokens, skip_special_tokens=skip_special_tokens, sort_by_length=True)
         self.inner: ActivationSource

@@ -31,9 +31,9 @@ def default_model_path() -> Path:
 
 def model_dir(model_path=None) -> Path:
     """`model_path` (default: MiniLM-L6) checked to be a local transformers model directory."""
-    path = Path(default_model_path() if model_path is None else model_path)
-    if not (path / "config.json").is_file():
-        raise DataError(f"model {path} is not a local transformers model directory (no config.json)")
+    from switchsae.validation import check_model_dir
+
+    path = check_model_dir(default_model_path() if model_path is None else model_path, DataError)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return path
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from switchsae.files import atomic_write, atomic_write_bytes, atomic_write_json
+from switchsae.validation import PathError, inside
 
 __all__ = ["DataError", "ActivationSource", "ArraySource", "ShardSource",
            "ShardWriter", "to_numpy", "MANIFEST_NAME"]
@@ -298,9 +299,20 @@ class ShardSource(_RowStream):
             return None
         try:
             manifest = json.loads(path.read_text())
-            [(str(s["name"]), int(s["rows"])) for s in manifest["shards"]]
+            listed = [(s["name"], s["rows"]) for s in manifest["shards"]]
         except Exception as e:
-            raise DataError(f"cannot read manifest {path}: {e}") from e
+            raise DataError(f"cannot read manifest {path}: {e!r}") from e
+        seen = set()
+        for name, rows in listed:
+            try:
+                inside(self.directory, name, f"manifest {path}")
+            except PathError as e:
+                raise DataError(str(e)) from None
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+                raise DataError(f"manifest {path}: shard {name!r} has rows={rows!r}, expected an integer >= 0")
+            if os.path.normpath(name) in seen:
+                raise DataError(f"manifest {path} lists shard {name!r} twice (its rows would be served twice)")
+            seen.add(os.path.normpath(name))
         return manifest
 
     def _scan(self, expected_d_in: int | None) -> list[_Shard]:

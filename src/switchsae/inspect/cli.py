@@ -10,9 +10,10 @@ state), else to the built-in default: Python's docs through the packaged MiniLM-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from switchsae.validation import OneLineParser, check_output_dir, nonnegative_int, positive_int
 
 from .geometry import MAP_METHODS
 
@@ -27,11 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text", metavar="FILE", help="text file to harvest (paragraphs, or .jsonl 'text' fields)")
     g.add_argument("--model", metavar="PATH", help="local transformers model directory")
     g.add_argument("--layer", type=int, help="hidden-state index to harvest (0 = embeddings)")
-    g.add_argument("--max-texts", type=int, metavar="N", help="use only the first N texts")
-    g.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens")
+    g.add_argument("--max-texts", type=positive_int, metavar="N", help="use only the first N texts")
+    g.add_argument("--max-tokens", type=positive_int, metavar="N", help="use only the first N tokens")
     s = p.add_argument_group("site")
-    s.add_argument("--contexts", type=int, default=10, metavar="N", help="top contexts per feature (default 10)")
-    s.add_argument("--neighbours", type=int, default=5, metavar="N",
+    s.add_argument("--contexts", type=positive_int, default=10, metavar="N", help="top contexts per feature (default 10)")
+    s.add_argument("--neighbours", type=nonnegative_int, default=5, metavar="N",
                    help="nearest features in other experts (default 5)")
     s.add_argument("--map", choices=MAP_METHODS, default="auto",
                    help="2-D map of decoder directions: pca, umap, or auto = umap if installed (default)")
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="switchsae inspect", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="switchsae inspect", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -49,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _trained_on(path) -> dict:
     """The data description a `switchsae train` checkpoint records (empty if none)."""
-    from switchsae.checkpoint import STATE_FILE, resolve
+    from switchsae.checkpoint import STATE_FILE, _read_json, resolve
 
     state = resolve(path) / STATE_FILE
-    return (json.loads(state.read_text()).get("data_spec") or {}) if state.is_file() else {}
+    spec = _read_json(state).get("data_spec") if state.is_file() else None
+    return spec if isinstance(spec, dict) else {}
 
 
 def _default_out(path: Path) -> Path:
@@ -64,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
     from switchsae import get_backend
     from switchsae.interop import load
     from switchsae.data import DEFAULT_LAYER, DataError, read_texts
+    from switchsae.training import DataSpec
 
     from .collect import collect
-    from .site import build_site
+    from .site import build_site, check_site_dir
 
+    out = Path(args.out) if args.out else _default_out(Path(args.checkpoint))
+    check_site_dir(check_output_dir(out, "browser directory"))
     sae = load(args.checkpoint, backend=get_backend(args.backend))
     spec = _trained_on(args.checkpoint)
     text = args.text or spec.get("text")
@@ -77,11 +82,14 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or spec.get("model")
     layer = args.layer if args.layer is not None else spec.get("layer", DEFAULT_LAYER)
     how = {} if args.text else {k: spec[k] for k in ("text_column", "one_per_line") if k in spec}
+    width = DataSpec(text=text, model=model, layer=layer, holdout_every=0, **how).d_in()
+    if width != sae.cfg.d_in:
+        raise DataError(f"{args.checkpoint} expects activations of width d_in={sae.cfg.d_in} but "
+                        f"{model or 'MiniLM-L6'} has hidden size {width}: pass the --model it was trained on")
     corpus = collect(model, read_texts(text, **how) if text else None, layer, max_texts=args.max_texts,
                      max_tokens=args.max_tokens, max_length=spec.get("max_length", 128),
                      progress=not args.no_progress)
     source = f"{text or 'Python docs (pydoc_data.topics)'} through {model or 'MiniLM-L6'} layer {layer}"
-    out = Path(args.out) if args.out else _default_out(Path(args.checkpoint))
     index = build_site(sae, corpus, out, n_contexts=args.contexts, n_neighbours=args.neighbours,
                        map_method=args.map, source=source)
     print(f"feature browser of {sae!r} on {len(corpus.tokens)} tokens of {source}: {index.resolve()}")
@@ -90,17 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """Entry point: `switchsae inspect` arguments -> exit status (2 on a usage or data error)."""
-    from switchsae.backends import BackendError
-    from switchsae.checkpoint import CheckpointError
-    from switchsae.core.config import ConfigError
-    from switchsae.data import DataError
+    from switchsae.cli import run_command
 
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (BackendError, CheckpointError, ConfigError, DataError, ValueError, FileExistsError) as e:
-        print(f"switchsae inspect: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("inspect", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

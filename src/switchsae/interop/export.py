@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.numpy import save as safetensors_bytes
 
-from switchsae.checkpoint import write_dir_atomically
+from switchsae.files import atomic_write_dir
 
 from . import saelens, sparsify
 from .fields import CFG_FILE, InteropError
@@ -47,4 +47,4 @@ def export(sae, out, format: str = "saelens", metadata: dict | None = None) -> P
         weights, config = saelens.tensors(cfg, params), saelens.cfg_json(cfg, metadata or {})
         name = saelens.WEIGHTS_FILE
     files = {CFG_FILE: (json.dumps(config, indent=1) + "\n").encode(), name: safetensors_bytes(weights)}
-    return write_dir_atomically(out, files, overwrite=False)
+    return atomic_write_dir(out, files)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from switchsae.core.config import ConfigError
+from switchsae.core.config import PAPER_LR_ANCHOR, ConfigError, check_int, check_number, scaled_lr
+
+# Settings derived from the run's size (measured: README "Training defaults")
+WARMUP_FRACTION = 0.01     # warm-up over the first 1% of the steps
+DEAD_FRACTION = 0.05       # dead after 5% of the run's tokens without firing ...
+DEAD_TOKENS_CAP = 10_000_000  # ... or 10M tokens (Gao et al.'s window), whichever is smaller
 
 
 @dataclass(frozen=True)
@@ -14,16 +18,22 @@ class TrainConfig:
     """Optimisation and bookkeeping settings (the model itself is a `SwitchSAEConfig`).
 
     steps: optimiser updates.  batch_size: tokens per update (the data source's batch).
-    lr: peak Adam learning rate; `None` means the model config's `default_lr` (the paper's
-        2e-4 / sqrt(M / 2**14)).
-    warmup_steps: linear warm-up from 0 to `lr`.  decay_fraction: the final fraction of the
-        steps over which the rate decays linearly to 0 (the paper: 0.2).
+    lr: peak Adam learning rate; `None`: the model config's `default_lr` (LR_ANCHOR /
+        sqrt(m / 2**14) for m latents per expert, at most LR_MAX), or with `lr_anchor` set,
+        lr_anchor / sqrt(M / 2**14) (the paper's rule, `TrainConfig.paper()`: 2e-4).
+    lr_anchor: see `lr` (None: the library's rule).
+    warmup_steps: linear warm-up from 0 to `lr`; `None`: 1% of the steps.
+    decay_fraction: the final fraction of the steps over which the rate decays linearly to 0
+        (the paper: 0.2).
     max_grad_norm: global gradient-norm clip (`None`: off).
     seed: initialisation seed (the data order has its own seed in the source).
     log_every / checkpoint_every: steps between metric lines / resumable checkpoints (the
         last step always logs and checkpoints).  keep_checkpoints: how many to keep.
     dead_tokens: tokens without firing after which a latent counts as dead (AuxK and the
-        dead fraction); `None` means the model config's `dead_tokens`.
+        dead fraction); `None` means the model config's `dead_tokens`, and when that is None
+        too, 5% of the run's tokens (steps * batch_size), at least one batch, at most 10M.
+    dead_count: "expert" (default): a latent's silence counts the tokens routed to its expert,
+        the only ones it can fire on; "batch" (the paper's code, Gao et al.): every token.
     normalize: scale activations by a power of two so their mean squared norm is ~d_in
         (see `switchsae.training.normalize`).
     out_dir: run directory (metrics, checkpoints, report); `None` keeps nothing on disk.
@@ -32,7 +42,8 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 4096
     lr: float | None = None
-    warmup_steps: int = 0
+    lr_anchor: float | None = None
+    warmup_steps: int | None = None
     decay_fraction: float = 0.2
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -40,43 +51,84 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     dead_tokens: int | None = None
+    dead_count: str = "expert"
     normalize: bool = True
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("warmup_steps", self.warmup_steps, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
+            check_int(name, getattr(self, name), 1)
+        if self.warmup_steps is not None:
+            check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0)
         if self.dead_tokens is not None:
-            _check_int("dead_tokens", self.dead_tokens, minimum=1)
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a finite number > 0 (or None for the default), got {self.lr!r}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
+            check_int("dead_tokens", self.dead_tokens, 1)
+        if self.dead_count not in ("expert", "batch"):
+            raise ConfigError(f"dead_count must be 'expert' or 'batch', got {self.dead_count!r}")
+        if self.lr is not None:
+            check_number("lr", self.lr, 0.0, above=True)
+        if self.lr_anchor is not None:
+            check_number("lr_anchor", self.lr_anchor, 0.0, above=True)
+        check_number("decay_fraction", self.decay_fraction, 0.0)
+        if self.decay_fraction > 1.0:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
-        clip = self.max_grad_norm
-        if clip is not None and not (math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, 0.0, above=True)
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be true or false, got {self.normalize!r}")
+        if self.out_dir is not None and not isinstance(self.out_dir, str):
+            raise ConfigError(f"out_dir must be a path string or None, got {self.out_dir!r}")
         decay_start = self.steps - round(self.decay_fraction * self.steps)
-        if self.warmup_steps > decay_start:
+        if self.warmup > decay_start:
             raise ConfigError(
-                f"warmup_steps ({self.warmup_steps}) runs into the decay, which starts at step "
+                f"warmup_steps ({self.warmup}) runs into the decay, which starts at step "
                 f"{decay_start} of {self.steps}"
             )
 
+    @classmethod
+    def preset(cls, name: str, **fields) -> TrainConfig:
+        """The schedule of preset `name`: "default" (the library's) or "paper" (`paper()`)."""
+        if name not in ("default", "paper"):
+            raise ConfigError(f"unknown preset {name!r}; known: ['default', 'paper']")
+        return cls.paper(**fields) if name == "paper" else cls(**fields)
+
+    @classmethod
+    def paper(cls, **fields) -> TrainConfig:
+        """The paper's schedule (Mudide et al.'s code): lr 2e-4 / sqrt(M / 2**14), no warm-up,
+        linear decay over the last 20%, gradient norm clipped to 1, dead latents counted over
+        every token; `fields` override."""
+        return cls(**{"lr_anchor": PAPER_LR_ANCHOR, "warmup_steps": 0, "decay_fraction": 0.2,
+                      "max_grad_norm": 1.0, "dead_count": "batch", **fields})
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps in effect (`warmup_steps`, or 1% of the steps)."""
+        return round(WARMUP_FRACTION * self.steps) if self.warmup_steps is None else self.warmup_steps
+
     def learning_rate(self, model_cfg) -> float:
         """The peak learning rate in effect for `model_cfg`."""
-        return model_cfg.default_lr if self.lr is None else float(self.lr)
+        if self.lr is not None:
+            return float(self.lr)
+        return model_cfg.default_lr if self.lr_anchor is None else scaled_lr(self.lr_anchor, model_cfg.n_latents)
 
     def dead_threshold(self, model_cfg) -> int:
-        """Tokens without firing that make a latent dead."""
-        return model_cfg.dead_tokens if self.dead_tokens is None else int(self.dead_tokens)
+        """Tokens without firing that make a latent dead: `dead_tokens`, else the model
+        config's, else derived from the run's size (DEAD_FRACTION of its tokens, at least one
+        batch, at most DEAD_TOKENS_CAP)."""
+        if self.dead_tokens is not None:
+            return int(self.dead_tokens)
+        if model_cfg.dead_tokens is not None:
+            return int(model_cfg.dead_tokens)
+        run = round(DEAD_FRACTION * self.steps * self.batch_size)
+        return min(DEAD_TOKENS_CAP, max(self.batch_size, run))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a train config must be a JSON object / dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -86,7 +138,3 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

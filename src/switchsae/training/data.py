@@ -55,6 +55,18 @@ class DataSpec:
     max_length: int = 128
 
     def __post_init__(self) -> None:
+        for name in ("shards", "text", "model", "eval_shards"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise DataError(f"data spec {name} must be a path string or null, got {getattr(self, name)!r}")
+        if not isinstance(self.text_column, str):
+            raise DataError(f"data spec text_column must be a string, got {self.text_column!r}")
+        for name in ("layer", "holdout_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DataError(f"data spec {name} must be an integer, got {value!r}")
+        for name in ("cache", "one_per_line"):
+            if not isinstance(getattr(self, name), bool):
+                raise DataError(f"data spec {name} must be true or false, got {getattr(self, name)!r}")
         if self.shards and self.text:
             raise DataError("give either shards (--data) or a text file (--text), not both")
         if self.shards and self.model:
@@ -71,6 +83,8 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> DataSpec:
+        if not isinstance(data, dict):
+            raise DataError(f"a data spec must be a JSON object / dict, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise DataError(f"unknown data spec fields {unknown}")
@@ -83,10 +97,16 @@ class DataSpec:
         return f"{text} through {self.model or 'MiniLM-L6'} layer {self.layer}"
 
     def d_in(self) -> int:
-        """Activation width, found without harvesting (shard headers / transformers' config)."""
+        """Activation width, found without harvesting (shard headers / transformers' config);
+        held-out shards must have the same."""
         if self.shards:
-            return ShardSource(self.shards, 1, shuffle=False).d_in
+            d_in = ShardSource(self.shards, 1, shuffle=False).d_in
+            if self.eval_shards:
+                ShardSource(self.eval_shards, 1, shuffle=False, expected_d_in=d_in)
+            return d_in
         _require_harvest()
+        if self.text:
+            read_texts(self.text, text_column=self.text_column, one_per_line=self.one_per_line)  # readable, before the model loads
         return model_shape(self.model)[0]
 
     def texts(self) -> list[str]:

@@ -8,7 +8,9 @@ import array_api_compat.numpy as np_xp
 import numpy as np
 
 from switchsae.core import metrics
+from switchsae.core.config import check_int
 from switchsae.core.dead_latents import update_tokens_since_fired
+from switchsae.data import DataError
 
 
 @dataclass
@@ -56,15 +58,16 @@ def evaluate(sae, source, max_tokens: int | None = None) -> EvalResult:
     """Run `sae` over one epoch of `source` (at most `max_tokens` rows) without training."""
     be, cfg = sae.backend, sae.cfg
     xp = be.xp
-    total = source.n_rows if max_tokens is None else min(int(max_tokens), source.n_rows)
-    if total < 1:
-        raise ValueError(f"nothing to evaluate: max_tokens={max_tokens}, source rows={source.n_rows}")
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, 1)
+    total = source.n_rows if max_tokens is None else min(max_tokens, source.n_rows)
     seen, sums = 0, {"fvu": 0.0, "nmse": 0.0, "l0": 0.0}
     counter = be.asarray(np.zeros(cfg.total_latents, dtype=np.float32))
     fires = be.asarray(np.zeros(cfg.total_latents, dtype=np.float32))
     load = np.zeros(cfg.n_experts)
     while seen < total:
         batch = source.next_batch()[: total - seen]
+        _check_batch(batch, seen)
         x = be.asarray(batch, "float32")
         out = sae.forward(x)
         x_hat = xp.astype(out.x_hat, xp.float32)
@@ -87,3 +90,15 @@ def evaluate(sae, source, max_tokens: int | None = None) -> EvalResult:
         load_entropy=float(metrics.load_entropy(load, np_xp)),
         firing_frequency=frequency,
     )
+
+
+def _check_batch(batch: np.ndarray, seen: int) -> None:
+    """DataError for activations the metrics are undefined on: NaN/inf, or a constant batch
+    (zero variance: FVU divides by 0).  seen: rows evaluated before this batch."""
+    finite = np.isfinite(batch)
+    if not finite.all():
+        row, col = np.argwhere(~finite)[0]
+        raise DataError(f"the activations hold NaN/inf (row {seen + row}, column {col}); cannot evaluate")
+    if len(batch) > 1 and not np.any(batch != batch[:1]):
+        raise DataError(f"the activations are constant (rows {seen}..{seen + len(batch) - 1} all equal): "
+                        "FVU is undefined with zero variance")

@@ -31,16 +31,18 @@ def step_metrics(out, x, counter, cfg, dead_tokens: int, backend) -> dict:
 class MetricsLog:
     """Append-only JSONL metrics file, one object per logged step.
 
-    Resuming at step s first drops the lines a killed run wrote after s (and any torn last
-    line), rewriting the file atomically, so the log matches the restored state."""
+    Resuming at step s starts from the lines of `history` (default: this file) up to s,
+    dropping what a killed run wrote after s (and any torn last line), written atomically,
+    so the log matches the restored state."""
 
-    def __init__(self, path, resume_step: int | None = None):
+    def __init__(self, path, resume_step: int | None = None, history=None):
         self.path = Path(path)
         if resume_step is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
         else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_metrics(self.path if history is None else history)
+                    if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= resume_step]
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(self, record: dict) -> None:

@@ -15,8 +15,10 @@ import math
 
 import numpy as np
 
+from switchsae.data import DataError
 
-class ScaleError(ValueError):
+
+class ScaleError(DataError):
     """Activations whose scale cannot be estimated (all zero or non-finite)."""
 
 
@@ -24,7 +26,8 @@ def estimate_scale(batch: np.ndarray) -> float:
     """Power of two s with mean ||s x||^2 closest (in log) to d_in.  batch: (n, d_in)."""
     mean_sq = float(np.mean(np.sum(np.asarray(batch, dtype=np.float64) ** 2, axis=-1)))
     if not math.isfinite(mean_sq) or mean_sq <= 0:
-        raise ScaleError(f"cannot normalise activations with mean squared norm {mean_sq}")
+        raise ScaleError(f"cannot normalise activations with mean squared norm {mean_sq} (all zero?); "
+                         "check the data, or train without normalisation")
     return float(2.0 ** round(0.5 * math.log2(batch.shape[-1] / mean_sq)))
 
 
