@@ -83,7 +83,7 @@ def test_every_text_source_gives_the_same_documents(tmp_path):
 
 
 @pytest.mark.parametrize("make, kwargs, message", [
-    (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), {}, "not valid UTF-8"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), {}, "is not UTF-8 text"),
     (lambda p: p.with_suffix(".bin").write_text("x"), {}, "cannot read text from"),
     (None, {"text_column": "nope"}, "has no column 'nope'"),
     (None, {"text_column": "n"}, "column 'n' holds int, not text"),

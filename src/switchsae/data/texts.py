@@ -91,11 +91,9 @@ def read_texts(source, text_column: str = "text", one_per_line: bool = False) ->
 
 
 def _from_plain(path: Path, one_per_line: bool) -> list[str]:
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 text (byte {e.start}); give a text file, or a "
-                        ".parquet/.csv/.jsonl file by its own suffix") from e
+    from switchsae.validation import read_utf8
+
+    raw = read_utf8(path, DataError)
     parts = raw.splitlines() if one_per_line else re.split(r"\n\s*\n", raw)
     texts = [p.strip() for p in parts if p.strip()]
     if not texts:
