@@ -95,7 +95,7 @@ def test_read_texts(tmp_path):
     j.write_text('{"text": "a b"}\n\n{"text": "c", "id": 2}\n')
     assert H.read_texts(j) == ["a b", "c"]
     j.write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(DataError, match="line 2"):
+    with pytest.raises(DataError, match="row 2 has no .text. value"):
         H.read_texts(j)
     with pytest.raises(DataError, match="does not exist"):
         H.read_texts(tmp_path / "missing.txt")

@@ -34,6 +34,7 @@ maximum = mx.maximum
 minimum = mx.minimum
 where = mx.where
 max = mx.max  # noqa: A001
+min = mx.min  # noqa: A001
 mean = mx.mean
 sum = mx.sum  # noqa: A001
 any = mx.any  # noqa: A001

@@ -13,7 +13,8 @@ from switchsae.core.spec import ForwardOutput
 
 from ._active import backend_name, get_backend, use
 from .model import InputError, SwitchSAE
-from .checkpoint import load, save
+from .checkpoint import save
+from .interop import export, load
 from .training import TrainConfig, Trainer
 
 __version__ = "0.1.0"
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError", "ConfigError", "ForwardOutput", "InputError", "SwitchSAE",
     "SwitchSAEConfig", "backend_name", "get_backend", "installed_backends", "use",
-    "load", "save", "Trainer", "TrainConfig",
+    "export", "load", "save", "Trainer", "TrainConfig",
 ]

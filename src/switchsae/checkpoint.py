@@ -84,8 +84,8 @@ def write_checkpoint(path, cfg: SwitchSAEConfig, params: dict, *, optimizer: dic
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()  # an empty directory holds nothing to lose
     recover_dir(path)
-    if path.exists() and not (overwrite and _is_native(path)):
-        what = ("a switchsae checkpoint (pass overwrite=True)" if _is_native(path)
+    if path.exists() and not (overwrite and is_native(path)):
+        what = ("a switchsae checkpoint (pass overwrite=True)" if is_native(path)
                 else "not a switchsae checkpoint")
         raise CheckpointError(f"{path} already exists and is {what}; not overwriting")
     return atomic_write_dir(path, files)
@@ -131,10 +131,10 @@ def _safetensors_bytes(arrays: dict, metadata: dict) -> bytes:
 
 
 # -- reading ------------------------------------------------------------------------------
-def _is_native(path: Path) -> bool:
+def is_native(path: Path) -> bool:
     try:
         return json.loads((Path(path) / CFG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -168,7 +168,7 @@ def read_checkpoint(path, *, training_state: bool = True) -> Checkpoint:
 
     training_state: also read optimizer.safetensors / trainer_state.json when present."""
     path = resolve(path)
-    if not _is_native(path):
+    if not is_native(path):
         raise CheckpointError(f"{path} is not a switchsae checkpoint (no {CFG_FILE} with format {FORMAT!r})")
     raw = _read_json(path / CFG_FILE)
     version = raw.pop("format_version", None)
@@ -203,20 +203,14 @@ def read_checkpoint(path, *, training_state: bool = True) -> Checkpoint:
 
 
 def load(path, backend=None, dtype: str | None = None):
-    """Load a checkpoint as a `SwitchSAE` on `backend` (name, Backend, or None: the active one).
-
-    `path`: a switchsae checkpoint, a training run directory (its newest checkpoint), or a
-    SAELens / sparsify TopK SAE directory (see `switchsae.interop`).  dtype: override the
-    stored dtype (e.g. "float32" to load a bfloat16 model on NumPy)."""
+    """Load a native checkpoint as a `SwitchSAE` on `backend` (name, Backend, or None: the
+    active one).  `path`: a switchsae checkpoint or a training run directory (its newest
+    checkpoint); `switchsae.load` also reads SAELens and sparsify SAEs (`switchsae.interop`).
+    dtype: override the stored dtype (e.g. "float32" to load a bfloat16 model on NumPy)."""
     from ._active import get_backend
     from .model import SwitchSAE
 
     backend = get_backend(backend) if backend is None or isinstance(backend, str) else backend
-    path = resolve(path)
-    if not _is_native(path):
-        from .interop import load_topk
-
-        return load_topk(path, backend=backend, dtype=dtype)
     ckpt = read_checkpoint(path, training_state=False)
     cfg = ckpt.cfg if dtype is None else ckpt.cfg.replace(dtype=dtype)
     if cfg.dtype not in backend.dtypes:
@@ -251,7 +245,7 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint file {path} is missing") from e
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")

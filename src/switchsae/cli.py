@@ -5,7 +5,8 @@
     switchsae train --resume runs/big    # continue after an interruption, same data order
     torchrun --nproc-per-node 2 -m switchsae train --parallel data --data SHARDS   # 2 processes
     switchsae eval runs/big [SHARDS]     # FVU, nMSE, L0, dead fraction, expert load
-    switchsae harvest OUT --text corpus.txt --layer 3
+    switchsae harvest OUT --text corpus.parquet --model gpt2-dir --layer 6
+    switchsae export runs/big out/sae --format saelens   # or sparsify (N = 1)
     switchsae inspect runs/big --out browser   # static feature browser (opens from disk)
     switchsae bench --grid quick               # hardware benchmark (python -m switchsae.bench)
 """
@@ -33,7 +34,7 @@ PRESETS = ("default", "paper")
 _RUN_OPTIONS = ("data", "text", "model", "layer", "eval_data", "holdout_every", "d_in", "latents",
                 "experts", "k", "preset", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
                 "seed", "log_every", "checkpoint_every", "dead_tokens", "no_normalize", "no_cache",
-                "optimizer")
+                "text_column", "one_per_line", "max_length", "optimizer")
 
 
 class CLIError(Exception):
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _harvest_parser(sub)
+    _export_parser(sub)
     from switchsae.inspect.cli import add_arguments as add_inspect_arguments, run as run_inspect
 
     p = sub.add_parser("inspect", help="build the static feature browser of a checkpoint")
@@ -95,9 +97,15 @@ def _add_text_source(p, with_data: bool) -> None:
     g = p.add_argument_group("data (default: Python's docs through the packaged MiniLM-L6)")
     if with_data:
         g.add_argument("--data", metavar="DIR", help="directory of activation shards (.npy/.safetensors)")
-    g.add_argument("--text", metavar="FILE", help="text file to harvest (paragraphs, or .jsonl 'text' fields)")
+    g.add_argument("--text", metavar="SOURCE", help="text to harvest: .txt/.md (paragraphs), .jsonl, .csv, "
+                   ".parquet or a datasets save_to_disk folder")
+    g.add_argument("--text-column", metavar="NAME", help="column holding the text (default 'text')")
+    g.add_argument("--one-per-line", action="store_true", help="a .txt/.md file holds one document per line")
     g.add_argument("--model", metavar="PATH", help="local transformers model directory (default: MiniLM-L6)")
     g.add_argument("--layer", type=int, help="hidden-state index to harvest (0 = embeddings; default 3)")
+    g.add_argument("--max-length", type=positive_int, metavar="T",
+                   help="tokens per window; longer documents are split into windows (default 128)")
+    g.add_argument("--device", help="where the model runs: cpu, cuda, cuda:1, ... (default: CUDA if present)")
 
 
 def _train_parser(sub) -> None:
@@ -115,6 +123,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--holdout-every", type=nonnegative_int, metavar="N",
                    help="harvested text: hold out every N-th document for evaluation, 0 = none (default 20)")
     g.add_argument("--no-cache", action="store_true", help="do not cache harvested activations")
+    g.add_argument("--harvest-batch-size", type=positive_int, default=32, metavar="B",
+                   help="windows per model forward pass when harvesting (default 32)")
     m = p.add_argument_group("model")
     m.add_argument("--d-in", type=positive_int, help="expected activation width (checked against the data)")
     m.add_argument("--latents", type=positive_int, metavar="M", help=f"total latents (default {d['expansion']} * d_in)")
@@ -151,6 +161,8 @@ def _train_parser(sub) -> None:
                    help=f"steps between checkpoints (default {d['checkpoint_every']})")
     o.add_argument("--eval-tokens", type=positive_int,
                    help=f"tokens for the final evaluation (default {d['eval_tokens']})")
+    o.add_argument("--wandb", metavar="PROJECT",
+                   help="also log the metrics to this Weights & Biases project (WANDB_MODE=offline works)")
     p.set_defaults(handler=cmd_train)
 
 
@@ -158,13 +170,16 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint", description=(
         "Print FVU, normalised MSE, L0, dead fraction and expert load of a checkpoint (switchsae, "
         "SAELens or sparsify directory, or a run directory) on activation shards, or, without DATA, "
-        "on harvested text (default: the held-out part of Python's docs)."))
+        "on harvested text (default: the held-out part of Python's docs).  With a causal language "
+        "--model also SAELens's ce_loss_score and kl_div_score (the reconstruction spliced in)."))
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("data", metavar="DATA", nargs="?", help="directory of activation shards")
     _add_backend(p)
     _add_text_source(p, with_data=False)
     p.add_argument("--dtype", help="load the model in this dtype (e.g. float32 for a bfloat16 model on numpy)")
     p.add_argument("--max-tokens", type=positive_int, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--harvest-batch-size", type=positive_int, default=32, metavar="B",
+                   help="windows per model forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=cmd_eval)
 
@@ -176,11 +191,27 @@ def _harvest_parser(sub) -> None:
     p.add_argument("out", metavar="OUT", help="output directory")
     _add_text_source(p, with_data=False)
     p.add_argument("--max-tokens", type=positive_int, help="stop after this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per model forward pass (default 32)")
     p.add_argument("--format", choices=("npy", "safetensors"), default="npy", help="shard format")
     p.add_argument("--shard-tokens", type=positive_int, default=65536, help="rows per shard")
     p.add_argument("--overwrite", action="store_true", help="replace activation data already in OUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_harvest)
+
+
+def _export_parser(sub) -> None:
+    from switchsae.interop import FORMATS
+
+    p = sub.add_parser("export", help="write a checkpoint as a SAELens or sparsify SAE", description=(
+        "Write CKPT (a checkpoint or run directory) to the new directory OUT in the layout of SAELens "
+        "or sparsify.  N = 1 becomes the peer's own TopK SAE; N > 1 a SAELens 'switch' SAE, loadable "
+        "by sae_lens.SAE.load_from_disk after `import switchsae.integrations.saelens`."))
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("out", metavar="OUT", help="new output directory")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--hook-name", help="SAELens metadata hook_name (e.g. blocks.6.hook_resid_pre)")
+    p.add_argument("--model-name", help="SAELens metadata model_name")
+    p.set_defaults(handler=cmd_export)
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -217,7 +248,8 @@ def _train(args, backend, state: dict | None = None) -> int:
         """Rank 0 first (it may harvest into the cache), then the others (they read it)."""
         if not main:
             backend.barrier()
-        built = build_sources(spec, batch_size, seed, progress)
+        built = build_sources(spec, batch_size, seed, progress, device=args.device,
+                              harvest_batch_size=args.harvest_batch_size)
         if main:
             backend.barrier()
         return built
@@ -230,10 +262,15 @@ def _train(args, backend, state: dict | None = None) -> int:
             check_new_run_dir(args.out)
         train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
         trainer = Trainer.resume(args.resume, train_src, backend, out_dir=args.out, progress=progress)
+        tracked = {"data_spec": state["data_spec"], **state["train_config"]}
     else:
         spec, cfg, tc = _new_run(args, backend)
         train_src, eval_src, eval_label = sources(spec, tc.batch_size, tc.seed)
         trainer = Trainer(cfg, tc, train_src, backend, data_spec=spec.to_dict(), progress=progress)
+        tracked = {"data_spec": spec.to_dict(), **cfg.to_dict(), **tc.to_dict()}
+    tracker = _tracker(args, trainer.out_dir, tracked) if main else None  # once the set-up is valid
+    if tracker:
+        trainer.on_record = tracker.log
     if main:
         where = f" ({backend.describe_parallel()})" if backend.parallel else ""
         print(f"training {trainer.cfg.n_experts} experts x {trainer.cfg.expert_width} latents, k={trainer.cfg.k}, "
@@ -241,8 +278,20 @@ def _train(args, backend, state: dict | None = None) -> int:
     result = trainer.run()
     backend.shutdown()  # everything rank 0 needs is gathered: leave the group
     if main:
-        _finish(args, trainer, result, spec, eval_src, eval_label)
+        evaluation = _finish(args, trainer, result, spec, eval_src, eval_label)
+        if tracker:
+            tracker.finish({f"eval/{k}": v for k, v in evaluation.summary().items()
+                            if isinstance(v, (int, float))})
     return 0
+
+
+def _tracker(args, run_dir, config: dict):
+    """The --wandb tracker of a run (None without --wandb)."""
+    if not args.wandb:
+        return None
+    from switchsae.training.tracking import WandbTracker
+
+    return WandbTracker(args.wandb, run_dir, config)
 
 
 def _resume_state(args) -> dict:
@@ -272,9 +321,11 @@ def _new_run(args, backend):
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     check_new_run_dir(out)
-    given = {"layer": args.layer, "holdout_every": args.holdout_every}
+    given = {"layer": args.layer, "holdout_every": args.holdout_every, "text_column": args.text_column,
+             "max_length": args.max_length}
     spec = DataSpec(shards=args.data, text=args.text, model=args.model, eval_shards=args.eval_data,
-                    cache=not args.no_cache, **{k: v for k, v in given.items() if v is not None})
+                    cache=not args.no_cache, one_per_line=args.one_per_line,
+                    **{k: v for k, v in given.items() if v is not None})
     if args.eval_data and not args.data:
         raise CLIError("--eval-data needs --data")
     d_in = spec.d_in()
@@ -320,30 +371,63 @@ def _finish(args, trainer, result, spec, eval_src, eval_label) -> None:
     print(evaluation.format())
     print(f"FVU ({eval_label}): {evaluation.fvu:.4f}")
     print(f"checkpoint: {result.checkpoint}\nreport: {paths['report']}\nplot: {paths['plot']}")
+    return evaluation
+
+
+def _text_spec(args):
+    """The DataSpec of harvested text that `eval` names."""
+    from switchsae.training import DataSpec
+
+    given = {"layer": args.layer, "text_column": args.text_column, "max_length": args.max_length}
+    return DataSpec(text=args.text, model=args.model, one_per_line=args.one_per_line,
+                    **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_eval(args) -> int:
     from switchsae import get_backend, load
     from switchsae.data import ShardSource
-    from switchsae.training import DataSpec, build_sources, evaluate
+    from switchsae.training import build_sources, evaluate
 
     sae = load(args.checkpoint, backend=get_backend(args.backend or default_backend()), dtype=args.dtype)
+    lm = None
     if args.data:
         if args.text or args.model or args.layer is not None:
             raise CLIError("give DATA shards or --text/--model/--layer, not both")
         source, label = ShardSource(args.data, 4096, shuffle=False, expected_d_in=sae.cfg.d_in), args.data
     else:
-        layer = {} if args.layer is None else {"layer": args.layer}
-        spec = DataSpec(text=args.text, model=args.model, **layer)
-        _, source, label = build_sources(spec, 4096, 0, progress=not args.no_progress)
+        spec = _text_spec(args)
+        if spec.d_in() != sae.cfg.d_in:
+            raise CLIError(f"the model's width is {spec.d_in()} but the checkpoint expects d_in={sae.cfg.d_in}")
+        _, source, label = build_sources(spec, 4096, 0, progress=not args.no_progress, device=args.device,
+                                         harvest_batch_size=args.harvest_batch_size)
+        lm = _lm_scores(args, sae, spec)
     if source.d_in != sae.cfg.d_in:
         raise CLIError(f"the data has d_in={source.d_in} but the checkpoint expects d_in={sae.cfg.d_in}")
     result = evaluate(sae, source, args.max_tokens)
+    scores = lm.summary() if lm else {}
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "data": label, **result.summary()}))
+        print(json.dumps({"checkpoint": args.checkpoint, "data": label, **result.summary(),
+                          **{k: v for k, v in scores.items() if k != "layer"}}))
     else:
         print(f"{sae!r} on {label}\n{result.format()}")
+        if lm:
+            print(f"ce_loss_score {lm.ce_loss_score:.4f}  kl_div_score {lm.kl_div_score:.4f}  (SAELens's, "
+                  f"spliced at layer {lm.layer}; CE clean {lm.ce_loss_clean:.4f}, with SAE "
+                  f"{lm.ce_loss_with_sae:.4f}, zero-ablated {lm.ce_loss_with_ablation:.4f}; "
+                  f"{lm.n_tokens} predictions)")
     return 0
+
+
+def _lm_scores(args, sae, spec):
+    """SAELens's CE/KL scores on the held-out texts when --model is a causal LM, else None."""
+    from switchsae.evaluation.lm_scores import is_causal_lm, lm_scores
+
+    if spec.model is None or not is_causal_lm(spec.model):
+        return None
+    kept, held = spec.split_texts()
+    return lm_scores(sae, held or kept, spec.layer, spec.model, batch_size=args.harvest_batch_size,
+                     max_length=spec.max_length, max_tokens=args.max_tokens, device=args.device,
+                     progress=not args.no_progress)
 
 
 def cmd_harvest(args) -> int:
@@ -352,12 +436,23 @@ def cmd_harvest(args) -> int:
     check_output_dir(args.out, "harvest output directory")
     if args.model:
         check_model_dir(args.model)
-    texts = read_texts(args.text) if args.text else None
+    texts = read_texts(args.text, text_column=args.text_column or "text", one_per_line=args.one_per_line) \
+        if args.text else None
     layer = DEFAULT_LAYER if args.layer is None else args.layer
     manifest = cache_activations(args.model, texts, layer, args.out,
                                  shard_tokens=args.shard_tokens, format=args.format,
-                                 progress=not args.no_progress, max_tokens=args.max_tokens,
-                                 overwrite=args.overwrite)
+                                 batch_size=args.batch_size, max_length=args.max_length or 128,
+                                 device=args.device, progress=not args.no_progress,
+                                 max_tokens=args.max_tokens, overwrite=args.overwrite)
     print(f"wrote {manifest['total_tokens']} tokens x d_in={manifest['d_in']} in "
           f"{len(manifest['shards'])} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from switchsae.interop import export
+
+    metadata = {k: v for k, v in (("hook_name", args.hook_name), ("model_name", args.model_name)) if v}
+    out = export(args.checkpoint, args.out, format=args.format, metadata=metadata)
+    print(f"exported {args.checkpoint} as a {args.format} SAE to {out}")
     return 0

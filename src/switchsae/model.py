@@ -84,7 +84,7 @@ class SwitchSAE:
 
     def decode(self, top_values, top_indices):
         """(batch, k) gated activations and global latent ids -> x_hat (batch, d_in).
-        Ids from n_latents on are the shared expert's."""
+        Ids from n_latents on are the shared expert's.  NumPy or native arrays."""
         top_values, top_indices = self._check_codes(top_values, top_indices)
         xp, cfg = self.backend.xp, self.cfg
         table = xp.reshape(self.params["W_dec"], (cfg.n_latents, cfg.d_in))

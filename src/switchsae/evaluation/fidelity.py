@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from switchsae.data.harvest import DEFAULT_LAYER, default_texts, load_model, transformer_blocks
+from switchsae.data.harvest import DEFAULT_LAYER, default_texts
+from switchsae.data.models import load_model, tokenize, transformer_blocks
 
 ABLATIONS = ("zero", "mean")
 
@@ -57,7 +58,7 @@ class Fidelity:
 def splice_fidelity(reconstruct, texts: Sequence[str] | None = None, layer: int = DEFAULT_LAYER,
                     model=None, *, ablation: str = "zero", batch_size: int = 16,
                     max_length: int = 128, max_texts: int | None = None,
-                    skip_special_tokens: bool = False, device: str = "cpu") -> Fidelity:
+                    skip_special_tokens: bool = False, device: str | None = None) -> Fidelity:
     """Fidelity of `reconstruct` spliced in at `layer` of `model` over `texts` (default:
     `switchsae.data.default_texts()`, of which the first `max_texts`).
 
@@ -68,7 +69,8 @@ def splice_fidelity(reconstruct, texts: Sequence[str] | None = None, layer: int 
     ablation: "zero" or "mean", the floor (see the module docstring).
     skip_special_tokens: leave [CLS]/[SEP]-like tokens unspliced (match how the SAE's
         training activations were harvested).
-    device: where a model loaded from a path runs (a given pair stays where it is)."""
+    device: where a model loaded from a path runs (None: CUDA when present; a given pair
+        stays where it is)."""
     if ablation not in ABLATIONS:
         raise FidelityError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if batch_size < 1:
@@ -118,7 +120,7 @@ class LayerSplice:
 
     def __init__(self, model, layer: int):
 
-        n = model.config.num_hidden_layers
+        n = model.config.get_text_config().num_hidden_layers
         if not -(n + 1) <= layer <= n:
             raise FidelityError(f"layer {layer} out of range for a model with {n} layers "
                                 f"(valid: 0 = embeddings .. {n}, or negative)")
@@ -163,7 +165,9 @@ class LayerSplice:
 
 
 def _as_function(reconstruct) -> Callable[[np.ndarray], np.ndarray]:
-    if hasattr(reconstruct, "forward") and hasattr(reconstruct, "backend"):  # a SwitchSAE
+    from switchsae.model import SwitchSAE
+
+    if isinstance(reconstruct, SwitchSAE):
         sae = reconstruct
         return lambda x: sae.backend.to_numpy(sae.forward(x).x_hat)
     if not callable(reconstruct):
@@ -173,8 +177,8 @@ def _as_function(reconstruct) -> Callable[[np.ndarray], np.ndarray]:
 
 def _encode(tok, batch, max_length, skip_special_tokens, device):
     """-> (model inputs on device, (batch, seq) bool mask of the tokens to splice)."""
-    enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-              return_special_tokens_mask=skip_special_tokens)
+    enc, _ = tokenize(tok, batch, max_length, padding=True, return_tensors="pt",
+                      return_special_tokens_mask=skip_special_tokens)
     keep = enc["attention_mask"].bool()
     if skip_special_tokens:
         keep &= ~enc.pop("special_tokens_mask").bool()

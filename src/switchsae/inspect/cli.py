@@ -64,7 +64,7 @@ def _default_out(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Build the site for parsed `args`; -> exit status."""
     from switchsae import get_backend
-    from switchsae.checkpoint import load
+    from switchsae.interop import load
     from switchsae.data import DEFAULT_LAYER, DataError, read_texts
     from switchsae.training import DataSpec
 
@@ -81,12 +81,14 @@ def run(args: argparse.Namespace) -> int:
                         "--text FILE (with --model / --layer of the model that made them)")
     model = args.model or spec.get("model")
     layer = args.layer if args.layer is not None else spec.get("layer", DEFAULT_LAYER)
-    width = DataSpec(text=text, model=model, layer=layer, holdout_every=0).d_in()
+    how = {} if args.text else {k: spec[k] for k in ("text_column", "one_per_line") if k in spec}
+    width = DataSpec(text=text, model=model, layer=layer, holdout_every=0, **how).d_in()
     if width != sae.cfg.d_in:
         raise DataError(f"{args.checkpoint} expects activations of width d_in={sae.cfg.d_in} but "
                         f"{model or 'MiniLM-L6'} has hidden size {width}: pass the --model it was trained on")
-    corpus = collect(model, read_texts(text) if text else None, layer, max_texts=args.max_texts,
-                     max_tokens=args.max_tokens, progress=not args.no_progress)
+    corpus = collect(model, read_texts(text, **how) if text else None, layer, max_texts=args.max_texts,
+                     max_tokens=args.max_tokens, max_length=spec.get("max_length", 128),
+                     progress=not args.no_progress)
     source = f"{text or 'Python docs (pydoc_data.topics)'} through {model or 'MiniLM-L6'} layer {layer}"
     index = build_site(sae, corpus, out, n_contexts=args.contexts, n_neighbours=args.neighbours,
                        map_method=args.map, source=source)

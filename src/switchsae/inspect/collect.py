@@ -1,8 +1,8 @@
 """Token-aware activation collection: harvested activations plus the text of every token.
 
 The activations come from :func:`switchsae.data.harvest.harvest` (the training data's
-source, rows in text order); the tokens from the same model's tokenizer with the same
-truncation, so row ``i`` of the activations is token ``i``.
+source, rows in text order); the tokens from the same model's tokenizer in the same windows
+(`switchsae.data.models.tokenize`), so row ``i`` of the activations is token ``i``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from switchsae.data.harvest import DEFAULT_LAYER, default_model_path, default_texts, harvest
+from switchsae.data.harvest import DEFAULT_LAYER, default_texts, harvest
+from switchsae.data.models import load_tokenizer, tokenize
 from switchsae.data.sources import DataError
 
 
@@ -43,27 +43,18 @@ class Corpus:
             raise DataError("doc ids must be non-decreasing (tokens in text order)")
 
 
-def load_tokenizer(model_path: str | os.PathLike | None = None):
-    """The tokenizer of a local transformers model directory (default: MiniLM-L6), offline."""
-    path = Path(default_model_path() if model_path is None else model_path)
-    if not (path / "config.json").is_file():
-        raise DataError(f"model_path {path} is not a local transformers model directory (no config.json)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
 def token_strings(tokenizer, texts: Sequence[str], max_length: int = 128,
                   skip_special_tokens: bool = False) -> tuple[list[str], np.ndarray]:
-    """(display strings, document ids) of every token `harvest` yields a row for."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length,
-                    return_offsets_mapping=True, return_special_tokens_mask=True)
-    tokens, doc = [], []
-    for i, text in enumerate(texts):
-        pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"][i])
-        end = 0
-        for piece, (a, b), special in zip(pieces, enc["offset_mapping"][i], enc["special_tokens_mask"][i]):
+    """(display strings, document ids) of every token `harvest` yields a row for (long texts
+    in windows of max_length tokens, as harvested)."""
+    enc, windows_doc = tokenize(tokenizer, texts, max_length, return_offsets_mapping=True,
+                                return_special_tokens_mask=True)
+    tokens, doc, end, last = [], [], 0, -1
+    for w, i in enumerate(windows_doc):
+        text, end = texts[i], (end if i == last else 0)
+        last = i
+        pieces = tokenizer.convert_ids_to_tokens(enc["input_ids"][w])
+        for piece, (a, b), special in zip(pieces, enc["offset_mapping"][w], enc["special_tokens_mask"][w]):
             if special:
                 if not skip_special_tokens:
                     tokens.append(piece)
@@ -77,7 +68,7 @@ def token_strings(tokenizer, texts: Sequence[str], max_length: int = 128,
 
 def collect(model_path: str | os.PathLike | None = None, texts: Sequence[str] | None = None,
             layer: int = DEFAULT_LAYER, *, batch_size: int = 32, max_length: int = 128,
-            device: str = "cpu", max_texts: int | None = None, max_tokens: int | None = None,
+            device: str | None = None, max_texts: int | None = None, max_tokens: int | None = None,
             skip_special_tokens: bool = False, progress: bool = True) -> Corpus:
     """Harvest ``hidden_states[layer]`` of ``texts`` (default: Python's docs, as in training)
     and pair every row with its token.  Options as in :func:`switchsae.data.harvest.harvest`."""

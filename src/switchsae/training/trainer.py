@@ -79,13 +79,14 @@ class Trainer:
     """
 
     def __init__(self, cfg: SwitchSAEConfig, train_cfg: TrainConfig, source, backend=None, *,
-                 data_spec: dict | None = None, progress: bool = True):
+                 data_spec: dict | None = None, progress: bool = True, on_record=None):
         """A new run; its out_dir (if any) must not hold a complete checkpoint (see
         `run_dir.check_new_run_dir`) and is locked against other trainers until `run` ends."""
-        self._setup(cfg, train_cfg, source, backend, data_spec, progress, resuming=False)
+        self._setup(cfg, train_cfg, source, backend, data_spec, progress, on_record, resuming=False)
 
-    def _setup(self, cfg, train_cfg, source, backend, data_spec, progress, resuming: bool) -> None:
+    def _setup(self, cfg, train_cfg, source, backend, data_spec, progress, on_record, resuming: bool) -> None:
         self.lock = None
+        self.on_record = on_record  # called with each metrics line (e.g. tracking.WandbTracker.log)
         self.backend = get_backend(backend) if backend is None or isinstance(backend, str) else backend
         _check_setup(cfg, train_cfg, source, self.backend)
         self.cfg, self.tc, self.source = cfg, train_cfg, source
@@ -106,7 +107,8 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     @classmethod
-    def resume(cls, path, source, backend=None, *, out_dir=None, progress: bool = True) -> Trainer:
+    def resume(cls, path, source, backend=None, *, out_dir=None, progress: bool = True,
+               on_record=None) -> Trainer:
         """Continue from a checkpoint (or a run directory's newest).  `source` must be built
         like the original one; its position is restored from the checkpoint.  The run goes on
         in `out_dir`, by default the run directory holding the checkpoint (wherever it was
@@ -123,7 +125,7 @@ class Trainer:
             check_new_run_dir(out, other_files=True)
         trainer = cls.__new__(cls)
         trainer._setup(ckpt.cfg, tc.replace(out_dir=str(out)), source, backend, state.get("data_spec"),
-                       progress, resuming=True)
+                       progress, on_record, resuming=True)
         trainer._restore(ckpt, state, run)
         return trainer
 
@@ -200,6 +202,8 @@ class Trainer:
                     history.append(record)
                     if log:
                         log.append(record)
+                    if self.on_record and self.is_main:
+                        self.on_record(record)
                     bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}",
                                     dead=f"{record['dead_fraction']:.2f}", lb=f"{record['loss_lb']:.3f}",
                                     tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
