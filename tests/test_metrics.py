@@ -83,7 +83,7 @@ def test_single_expert_has_no_cross_expert_duplicates():
 
 
 def test_flops_switch_counts():
-    cfg = SwitchSAEConfig(d_in=10, n_latents=64, n_experts=4, k=3)  # m = 16
+    cfg = SwitchSAEConfig(d_in=10, n_latents=64, n_experts=4, k=3, auxk_coef=0.0)  # m = 16; AuxK counted below
     fwd = forward_flops(cfg)
     assert fwd == {"router": 80, "encoder": 320, "decoder": 60, "total": 460}
     tr = train_flops(cfg)
@@ -92,8 +92,8 @@ def test_flops_switch_counts():
 
 
 def test_flops_dense_topk_has_no_router_and_matches_flop_matched_switch():
-    dense = SwitchSAEConfig(d_in=384, n_latents=1536, n_experts=1, k=32)
-    switch = SwitchSAEConfig(d_in=384, n_latents=8 * 1536, n_experts=8, k=32)  # same expert width
+    dense = SwitchSAEConfig(d_in=384, n_latents=1536, n_experts=1, k=32, auxk_coef=0.0)  # AuxK: next test
+    switch = SwitchSAEConfig(d_in=384, n_latents=8 * 1536, n_experts=8, k=32, auxk_coef=0.0)  # same expert width
     assert forward_flops(dense) == {"router": 0, "encoder": 2 * 384 * 1536, "decoder": 2 * 32 * 384,
                                     "total": 2 * 384 * 1536 + 2 * 32 * 384}
     assert forward_flops(switch)["total"] - forward_flops(dense)["total"] == 2 * 384 * 8

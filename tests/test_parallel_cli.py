@@ -27,9 +27,9 @@ from switchsae.cli import main
 from switchsae.data import ShardWriter
 
 WORLD, TIMEOUT_S = 2, 240
-CLI = ["--no-progress", "--latents", "64", "--experts", "4", "--k", "4",
+CLI = ["--no-progress", "--latents", "256", "--experts", "4", "--k", "4",
        "--steps", "6", "--batch-size", "64", "--lr", "3e-3", "--warmup", "1", "--eval-tokens", "256",
-       "--log-every", "2", "--checkpoint-every", "3", "--dead-tokens", "128", "--seed", "3"]
+       "--log-every", "2", "--checkpoint-every", "3", "--dead-tokens", "32", "--seed", "3"]
 TRAIN = [sys.executable, "-m", "switchsae", "train"]
 JAX_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
