@@ -271,6 +271,14 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def experiment_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """`python -m experiments.<name>`'s parser: doc's first paragraph as its description, the rest
+    as its epilog."""
+    summary, rest = doc.split("\n\n", 1)
+    return argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=summary,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+
+
 def add_common_args(p: argparse.ArgumentParser, full: dict, quick: dict, out: str,
                     width_help: str = "dense width") -> None:
     """The options every experiment here shares (budget, data, backend, output)."""
@@ -396,9 +404,7 @@ def merge(dirs: list[str], out: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = experiment_parser("paper", __doc__)
     add_common_args(p, FULL, QUICK, "runs/paper", "dense width m = expert width when FLOP-matched")
     p.add_argument("--experts", type=int, nargs="+", help=f"Switch expert counts (default {FULL['experts']})")
     p.add_argument("--seeds", type=int, nargs="+", help="train every run once per seed (initialisation and "

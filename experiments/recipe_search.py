@@ -12,15 +12,14 @@ with `tc_` and an optional `seed`:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from .paper import experiment_parser
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.recipe_search", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = experiment_parser("recipe_search", __doc__)
     p.add_argument("runs", nargs="+", help="JSON objects: config fields, tc_<TrainConfig field>, seed")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=1024)

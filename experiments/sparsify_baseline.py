@@ -19,14 +19,13 @@ Writes results.md and results.json into --out.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 from switchsae.files import atomic_write_bytes, atomic_write_json
 
-from .paper import FULL, QUICK, add_common_args, budget_from, load_data
+from .paper import FULL, QUICK, add_common_args, budget_from, experiment_parser, load_data
 
 
 def train_sparsify(train_src, d_in: int, width: int, k: int, steps: int, lr: float, seed: int,
@@ -68,9 +67,7 @@ def train_sparsify(train_src, d_in: int, width: int, k: int, steps: int, lr: flo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.sparsify_baseline", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = experiment_parser("sparsify_baseline", __doc__)
     add_common_args(p, FULL, QUICK, "runs/sparsify", "latents of the dense TopK SAE")
     p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 4e-3, 8e-3], help="learning rates to train")
     p.add_argument("--auxk-alpha", type=float, default=0.0, help="sparsify's auxk_alpha (its default 0)")

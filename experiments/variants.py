@@ -35,7 +35,6 @@ Writes results.md, results.json and fvu_vs_flops.png into --out and every traine
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from .paper import (
     Run,
     add_common_args,
     budget_from,
+    experiment_parser,
     prepare,
     train_all,
 )
@@ -211,9 +211,7 @@ def _spread(xs, ys, gap: float) -> list[float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.variants", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = experiment_parser("variants", __doc__)
     add_common_args(p, FULL, QUICK, "runs/variants", "dense width = total latents when width-matched")
     p.add_argument("--experts", type=int, help=f"routed experts N (default {FULL['experts']})")
     p.add_argument("--top-e", type=int, help=f"experts per token of the e variants (default {FULL['top_e']})")
