@@ -9,7 +9,7 @@ import numpy as np
 
 from switchsae.backends import load_backend
 from switchsae.core import spec
-from switchsae.core.optim import adam_init
+from switchsae.core.optim import AdamState, adam_init
 from switchsae.core.train_step import train_step
 
 # Tolerances against the float64 reference, as (rtol, atol relative to the quantity's max |value|).
@@ -53,14 +53,15 @@ def gradients(backend_name: str, case, dtype: str) -> dict:
     return {n: to_np(backend, g) for n, g in grads.items()}
 
 
-def trajectory(backend_name: str, case, dtype: str, steps: int, lr: float, seed: int = 0):
+def trajectory(backend_name: str, case, dtype: str, steps: int, lr: float, seed: int = 0,
+               optimizer: str = "adam"):
     """`steps` shared train steps, compiled as the backend compiles them for training, on fresh
     batches -> (per-step total loss, final params)."""
     backend = load_backend(backend_name)
     cfg = case.cfg.replace(dtype=dtype)
     params, _, dead = native(backend, case, dtype)
     opt = adam_init(params, backend.xp)
-    step = backend.compile_step(functools.partial(train_step, backend, cfg))
+    step = backend.compile_step(functools.partial(train_step, backend, cfg, optimizer=optimizer))
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
@@ -68,6 +69,22 @@ def trajectory(backend_name: str, case, dtype: str, steps: int, lr: float, seed:
         params, opt, out = step(params, opt, backend.asarray(batch, dtype), lr, dead)
         losses.append(float(to_np(backend, out.losses["total"])))
     return np.array(losses), {n: to_np(backend, p) for n, p in params.items()}
+
+
+def warm_step(backend_name: str, case, dtype: str, lr: float, optimizer: str, start: int = 5, seed: int = 0):
+    """One compiled train step on case.x from an Adam state that has run `start` steps: moments
+    m ~ N(0, 1e-2) and v ~ U(0, 1e-4) for every parameter (the same on every backend).
+    -> (before, after): each (params, m, v) as float64 NumPy."""
+    backend = load_backend(backend_name)
+    cfg = case.cfg.replace(dtype=dtype)
+    params, x, dead = native(backend, case, dtype)
+    rng = np.random.default_rng(seed)
+    m = {n: backend.asarray(1e-2 * rng.normal(size=p.shape), dtype) for n, p in case.params.items()}
+    v = {n: backend.asarray(1e-4 * rng.random(size=p.shape), dtype) for n, p in case.params.items()}
+    before = tuple({n: to_np(backend, a) for n, a in t.items()} for t in (params, m, v))
+    step = backend.compile_step(functools.partial(train_step, backend, cfg, optimizer=optimizer))
+    params, opt, _ = step(params, AdamState(start, m, v), x, lr, dead)
+    return before, tuple({n: to_np(backend, a) for n, a in t.items()} for t in (params, opt.m, opt.v))
 
 
 def assert_close(actual, expected, dtype: str, what: str, scale: float | None = None):

@@ -7,7 +7,10 @@ import functools
 import numpy as np
 import pytest
 
+import array_api_compat.numpy as np_xp
+
 from switchsae.core import spec
+from switchsae.core.optim import LATENT_ROW_PARAMS, latent_rows, received_gradient
 from switchsae.backends import load_backend
 
 from . import harness as H
@@ -108,6 +111,32 @@ def test_one_optimizer_step(backend, name):
     for pname, p_ref in ref.items():
         H.assert_close(got[pname] - c.params[pname], p_ref - c.params[pname], "float32",
                        f"update of {pname}", scale=1e-3)
+
+
+@pytest.mark.parametrize("name", ["empty_expert", "auxk", "all_variants", "encoder_bias"])
+def test_lazy_adam_step(backend, name):
+    """Lazy Adam from a warm state (non-zero moments everywhere): the latents that received no
+    gradient keep their W_enc, W_dec and b_enc rows and moments bit for bit (empty_expert: expert
+    3 gets no token); everything else equals the NumPy reference's update."""
+    c = case(name)
+    (p0, _, _), ref = H.warm_step("numpy", c, "float64", 1e-3, "lazy_adam")
+    before, after = H.warm_step(backend.name, c, "float32", 1e-3, "lazy_adam")
+    for pname, p_ref in ref[0].items():
+        H.assert_close(after[0][pname] - p0[pname], p_ref - p0[pname], "float32",
+                       f"lazy update of {pname}", scale=1e-3)
+    for what, i in (("m", 1), ("v", 2)):
+        for pname, r in ref[i].items():
+            H.assert_close(after[i][pname], r, "float32", f"lazy {what} of {pname}")
+    untouched = ~received_gradient(reference(name)["grads"], np_xp)
+    if name == "empty_expert":
+        m = c.cfg.expert_width
+        assert untouched[3 * m:4 * m].all(), "case construction: expert 3 must get no token"
+    assert untouched.any(), "case construction: every latent received gradient"
+    for pname in LATENT_ROW_PARAMS:
+        for i, what in enumerate(("param", "m", "v")):
+            if pname in c.params:
+                rows = [latent_rows(pname, t[i][pname], np_xp)[untouched] for t in (before, after)]
+                assert np.array_equal(*rows), f"{what} {pname}: a latent without gradient changed"
 
 
 def test_twenty_step_trajectory(backend):

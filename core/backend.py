@@ -126,6 +126,22 @@ class Backend:
         values, indices = self.topk(acts, k)
         return acts, values, indices
 
+    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int,
+                        keep_acts: bool = True):
+        """`encode_topk` plus AuxK's selection from the same activations, so that a backend can
+        choose both in one pass (and keep AuxK's backward as sparse as the main one).
+        dead: (N, m) bool, the routed latents that count as dead -> acts, values, indices as
+        `encode_topk`; aux_values, aux_indices: (batch, j), j <= aux_k: the top aux_k of acts
+        masked to the token's expert's dead latents (local ids), descending.  Entries past a
+        row's positive masked acts have value 0: they decode to nothing and carry no gradient,
+        so a backend may give them any index and drop the columns that are 0 in every row
+        (1 <= j)."""
+        xp = self.xp
+        acts, values, indices = self.encode_topk(x, b_pre, W_enc, b_enc, expert, k, True)
+        dead_acts = xp.where(xp.take(dead, expert, axis=0), acts, xp.zeros_like(acts))
+        aux_values, aux_indices = self.topk(dead_acts, aux_k)
+        return (acts if keep_acts else None), values, indices, aux_values, aux_indices
+
     def decode(self, values, indices, W_dec_flat):
         """values, indices: (batch, k); W_dec_flat: (N*m, d) -> (batch, d)."""
         return decode_reference(values, indices, W_dec_flat, self.xp)
@@ -158,6 +174,19 @@ class Backend:
         in, so that a run restored from a checkpoint computes every step exactly as the live
         run did; as they are by default."""
         return arrays
+
+    def loss_and_row_grads(self, params: dict, x, cfg, dead_mask=None):
+        """`loss_and_grads` for lazy Adam: the gradients of the latent-row parameters
+        (`core.optim.LATENT_ROW_PARAMS`) may come as dense arrays (this default) or in a form of
+        the backend's own that only its `lazy_update` reads (e.g. the touched rows alone)."""
+        return self.loss_and_grads(params, x, cfg, dead_mask)
+
+    def lazy_update(self, params: dict, grads: dict, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """`update` with lazy Adam (`core.train_step.apply_lazy_update`) on the gradients of
+        `loss_and_row_grads`; may update in place like `update`.  -> (params, opt_state)."""
+        from .train_step import apply_lazy_update
+
+        return apply_lazy_update(self.xp, params, grads, opt_state, lr, max_grad_norm, betas)
 
     def compile_step(self, step_fn):
         """Wrap a pure train-step function for speed (jit); identity by default."""

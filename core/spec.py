@@ -80,7 +80,8 @@ class Experts(NamedTuple):
     gated kept activations; cand_indices: (T, k_routed) their positions among the e*m
     candidates; recon: (T, d) their decode (without b_pre); acts: (T, e*m) relu'd
     pre-activations (None where a backend skips them, or where the experts ran on another
-    process); aux_cand_indices: (T, k_aux) AuxK's dead candidates (None when off or remote);
+    process); aux_cand_indices: (T, j <= k_aux) AuxK's dead candidates (None when off or remote;
+    see `Backend.encode_topk_aux` for j);
     aux_recon: (T, d) their decode (None when AuxK is off)."""
 
     values: object
@@ -122,14 +123,21 @@ def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: 
     a process's own under expert parallelism); dead: (experts in params, m) bool, the routed
     dead mask by expert, or None without AuxK."""
     xp, m = backend.xp, cfg.expert_width
-    acts, values, cand = encode_experts(params, x, gates, experts, cfg, backend, keep_acts or dead is not None)
     table = xp.reshape(params["W_dec"], (-1, cfg.d_in))
+    if dead is not None and experts.shape[1] == 1:  # AuxK chosen in the fused encode (same acts)
+        acts, kept, cand, aux_kept, aux_cand = backend.encode_topk_aux(
+            x, params["b_pre"], params["W_enc"], params.get("b_enc"), experts[:, 0], cfg.routed_k, dead,
+            cfg.aux_k, keep_acts)
+        values, aux_values = kept * gates, aux_kept * gates
+    else:
+        acts, values, cand = encode_experts(params, x, gates, experts, cfg, backend, keep_acts or dead is not None)
     recon = backend.decode(values, global_ids(cand, experts, m, xp), table)
     if dead is None:
         return Experts(values, cand, recon, acts)
-    dead_local = xp.concat([xp.take(dead, experts[:, j], axis=0) for j in range(experts.shape[1])], axis=-1) \
-        if experts.shape[1] > 1 else xp.take(dead, experts[:, 0], axis=0)
-    aux_values, aux_cand = gated_topk(xp.where(dead_local, acts, xp.zeros_like(acts)), gates, cfg.aux_k, m, backend)
+    if experts.shape[1] > 1:
+        dead_local = xp.concat([xp.take(dead, experts[:, j], axis=0) for j in range(experts.shape[1])], axis=-1)
+        aux_values, aux_cand = gated_topk(xp.where(dead_local, acts, xp.zeros_like(acts)), gates, cfg.aux_k,
+                                          m, backend)
     aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), table)
     return Experts(values, cand, recon, acts, aux_cand, aux_recon)
 

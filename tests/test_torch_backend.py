@@ -218,6 +218,40 @@ def test_expert_encode_topk_gradcheck_and_definition(n):
     assert torch.autograd.gradcheck(lambda b_pre, W: both(x.detach(), b_pre, W, None), (b_pre, W))
 
 
+def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck():
+    """encode_topk_aux chooses AuxK's dead latents inside the fused encode: its positive values
+    and their ids equal the standard-ops hook's (top aux_k of acts masked to dead latents), the
+    rest is 0, its width is the most positive dead acts of a row (capped at aux_k), and the
+    gradients of main and AuxK values together pass gradcheck (one sparse backward)."""
+    g = torch.Generator().manual_seed(11)
+    T, d, n, m, k = 12, 5, 3, 8, 2
+    x = torch.randn(T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b_pre = torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(n, d, m, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, m, generator=g, dtype=torch.float64, requires_grad=True)
+    expert = torch.tensor([2, 0, 2, 2, 0, 2, 0, 0, 2, 1, 0, 2])
+    dead = torch.rand(n, m, generator=g) < 0.5
+    dead[1] = False  # an expert without dead latents
+    for aux_k in (2, m):
+        want = ReferenceHooks.encode_topk_aux(be, x, b_pre, W, b, expert, k, dead, aux_k)
+        got = be.encode_topk_aux(x, b_pre, W, b, expert, k, dead, aux_k, keep_acts=False)
+        assert got[0] is None
+        for i in (1, 2):
+            assert torch.equal(got[i], want[i])
+        positive = (want[3] > 0).sum(1)
+        assert got[3].shape == (T, max(1, min(aux_k, int(positive.max()))))
+        for t in range(T):
+            p = int(positive[t])
+            assert torch.equal(got[3][t, :p], want[3][t, :p]) and torch.equal(got[4][t, :p], want[4][t, :p])
+            assert not got[3][t, p:].any()
+
+    def both(x, b_pre, W, b):
+        return be.encode_topk_aux(x, b_pre, W, b, expert, k, dead, 3, keep_acts=False)[1:4:2]
+
+    assert torch.autograd.gradcheck(both, (x, b_pre, W, b))
+    assert torch.autograd.gradcheck(lambda b_pre, W: both(x.detach(), b_pre, W, None), (b_pre, W))
+
+
 def test_sparse_decode_gradcheck():
     g = torch.Generator().manual_seed(3)
     values = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -8,7 +8,7 @@ from switchsae.backends import load_backend
 from switchsae.core.constraints import normalize_decoder, remove_parallel_grad
 from switchsae.core.dead_latents import dead_mask, update_tokens_since_fired
 from switchsae.core.init import geometric_median
-from switchsae.core.optim import adam_init, adam_update, clip_by_global_norm
+from switchsae.core.optim import adam_init, adam_update, clip_by_global_norm, lazy_adam_update
 
 xp = load_backend("numpy").xp
 
@@ -27,6 +27,40 @@ def test_adam_equals_torch_adam():
         params, state = adam_update(params, g, state, 1e-2, xp)
     for k in p0:
         np.testing.assert_allclose(params[k], tp[k].detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_lazy_adam_equals_torch_sparse_adam():
+    """Lazy Adam's rows and step counter are torch.optim.SparseAdam's: rows without gradient keep
+    their values and moments, an updated row uses the global step's bias correction.  W_dec's 6
+    latent rows get gradient on changing subsets (row 5 never); b_pre is dense.  eps 1e-12: the
+    two place eps differently (inside vs outside the bias correction of sqrt(v)), which is then
+    far below the 1e-9 tolerance."""
+    rng = np.random.default_rng(3)
+    p0 = {"W_dec": rng.normal(size=(2, 3, 4)), "b_pre": rng.normal(size=4)}
+    row_sets = [[0, 1, 2, 3, 4], [1, 3], [0, 4], [3]]
+    sparse_param = torch.tensor(p0["W_dec"].reshape(6, 4), requires_grad=True)
+    dense_param = torch.tensor(p0["b_pre"], requires_grad=True)
+    sparse_opt = torch.optim.SparseAdam([sparse_param], lr=1e-2, eps=1e-12)
+    dense_opt = torch.optim.Adam([dense_param], lr=1e-2, eps=1e-12)
+    params, state = dict(p0), adam_init(p0, xp)
+    for rows in row_sets:
+        g_rows = rng.normal(size=(len(rows), 4))
+        g_b = rng.normal(size=4)
+        sparse_param.grad = torch.sparse_coo_tensor([rows], torch.tensor(g_rows), (6, 4), check_invariants=True)
+        dense_param.grad = torch.tensor(g_b)
+        sparse_opt.step()
+        dense_opt.step()
+        g_dec = np.zeros((6, 4))
+        g_dec[rows] = g_rows
+        before = params["W_dec"].copy()
+        params, state = lazy_adam_update(params, {"W_dec": g_dec.reshape(2, 3, 4), "b_pre": g_b}, state,
+                                         1e-2, xp, eps=1e-12)
+        skipped = np.setdiff1d(np.arange(6), rows)
+        assert np.array_equal(params["W_dec"].reshape(6, 4)[skipped], before.reshape(6, 4)[skipped])
+    assert state.step == len(row_sets)
+    np.testing.assert_allclose(params["W_dec"].reshape(6, 4), sparse_param.detach().numpy(), rtol=1e-9)
+    np.testing.assert_allclose(params["b_pre"], dense_param.detach().numpy(), rtol=1e-9)
+    assert np.array_equal(params["W_dec"].reshape(6, 4)[5], p0["W_dec"].reshape(6, 4)[5])
 
 
 def test_clip_equals_torch_clip_grad_norm():

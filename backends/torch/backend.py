@@ -1,7 +1,8 @@
 """PyTorch backend: the spec on torch tensors with fast hooks and autograd gradients.
 
 Hooks: grouped-GEMM expert dispatch with a sparse backward (`encode`, and fused with ReLU and
-TopK in `encode_topk`), sparse gather decode with a sparse backward (`decode`), `torch.topk` with
+TopK in `encode_topk`, and with AuxK's dead-latent TopK too in `encode_topk_aux`), sparse gather
+decode with a sparse backward (`decode`), `torch.topk` with
 the spec's tie rule, and an in-place fused optimiser step (`update`).
 Arrays live on `select_device()`: $SWITCHSAE_DEVICE, else CUDA when present, else CPU; on CPU,
 freed memory is kept for reuse (`keep_freed_cpu_memory`)."""
@@ -18,6 +19,7 @@ from .decode import decode as sparse_decode
 from .device import keep_freed_cpu_memory, select_device
 from .encode import encode as expert_encode
 from .encode import encode_topk as expert_encode_topk
+from .encode import encode_topk_aux as expert_encode_topk_aux
 from .encode import latent_major
 from .optim import fused_update
 from .topk import topk_lowest_index_ties
@@ -67,6 +69,9 @@ class TorchBackend(Backend):
 
     def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
         return expert_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts)
+
+    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
+        return expert_encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts)
 
     def decode(self, values, indices, W_dec_flat):
         return sparse_decode(values, indices, W_dec_flat)

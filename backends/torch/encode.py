@@ -47,38 +47,50 @@ class ExpertEncode(torch.autograd.Function):
 
 
 class ExpertEncodeTopK(torch.autograd.Function):
-    """(x (T, d), b_pre (d,), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts)
-    -> acts (T, m) = relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) (None without
-    keep_acts), values (T, k), indices (T, k) = TopK of acts (spec tie rule)."""
+    """(x (T, d), b_pre (d,), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts,
+    dead (N, m) bool or None, aux_k) -> acts (T, m) = relu((x - b_pre) @ W_enc[expert]
+    (+ b_enc[expert])) (None without keep_acts), values (T, k), indices (T, k) = TopK of acts
+    (spec tie rule), and with a dead mask AuxK's aux_values, aux_indices (T, j) (`dead_topk`),
+    else None, None."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts):
+    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k):
         routing = route(expert, W_enc.shape[0])
         perm = routing.perm
         x_sorted, expert_sorted = sort_rows(x, perm) - b_pre, sort_rows(expert, perm)
         acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
         values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
+        aux_values = aux_indices = None
+        if dead is not None:
+            aux_sorted, aux_ids_sorted = dead_topk(acts_sorted, dead, expert_sorted, aux_k)
+            values_sorted = torch.cat([values_sorted, aux_sorted], 1)  # one k + j pattern
+            indices_sorted = torch.cat([indices_sorted, aux_ids_sorted], 1)
+            aux_values, aux_indices = unsort_rows(aux_sorted, perm), unsort_rows(aux_ids_sorted, perm)
+            ctx.mark_non_differentiable(aux_indices)
         acts = unsort_rows(acts_sorted, perm) if keep_acts else None
-        indices = unsort_rows(indices_sorted, perm)
+        indices = unsort_rows(indices_sorted[:, :k], perm)
+        ctx.k = k
         ctx.save_for_backward(x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted)
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        return acts, unsort_rows(values_sorted, perm), indices
+        return acts, unsort_rows(values_sorted[:, :k], perm), indices, aux_values, aux_indices
 
     @staticmethod
-    def backward(ctx, grad_acts, grad_values, _):
+    def backward(ctx, grad_acts, grad_values, _, grad_aux, __):
         x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad[:4]
         n, _, m = W_enc.shape
-        if grad_values is None:
-            grad_values = values_sorted.new_zeros(values_sorted.shape)
-        else:
-            grad_values = sort_rows(grad_values, perm)
-        kept_grad = grad_values * (values_sorted > 0)  # through relu: zero where acts == 0
-        if grad_acts is None:  # only the kept values carry gradient: k entries per row
+        # the value gradient of every kept entry: the k main ones, then AuxK's (duplicates add up)
+        parts = [(grad_values, ctx.k)]
+        if values_sorted.shape[1] > ctx.k:
+            parts.append((grad_aux, values_sorted.shape[1] - ctx.k))
+        grad_kept = torch.cat([values_sorted.new_zeros(values_sorted.shape[0], w) if g is None
+                               else sort_rows(g, perm) for g, w in parts], 1)
+        kept_grad = grad_kept * (values_sorted > 0)  # through relu: zero where acts == 0
+        if grad_acts is None:  # only the kept values carry gradient: k (+ j) entries per row
             pattern = fixed_pattern(expert_sorted[:, None] * m + indices_sorted, n * m)
             values = kept_grad.reshape(-1)
-        else:  # acts is used too (AuxK): add the kept values' share to its dense gradient
+        else:  # acts is used too: add the kept values' share to its dense gradient
             grad_pre = sort_rows(grad_acts * (acts > 0), perm)
             grad_pre.scatter_add_(1, indices_sorted, kept_grad)
             pattern, values = _dense_entries(grad_pre, expert_sorted, m, n)
@@ -86,7 +98,32 @@ class ExpertEncodeTopK(torch.autograd.Function):
         grad_b_pre = None
         if need_b_pre:  # d/d b_pre = -sum_t d/d x_t: one product with per-latent sums, not T
             grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, W_enc)
-        return (unsort_rows(grad_x, perm) if need_x else None), grad_b_pre, grad_W, grad_b, None, None, None
+        return ((unsort_rows(grad_x, perm) if need_x else None), grad_b_pre, grad_W, grad_b,
+                None, None, None, None, None)
+
+
+def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int):
+    """AuxK's selection: the top aux_k of each row's acts at its expert's dead latents.
+    acts_sorted: (T, m) >= 0; dead: (N, m) bool; expert_sorted: (T,) -> values, local ids (T, j),
+    descending (equal values: lower id first), j = the most positive dead acts of any row (at
+    least 1, at most aux_k).  Only the dead columns are read (each expert's dead ids, padded to
+    the most any expert has), and the entries that are not positive dead acts are ranked below
+    all others in index order, so the selection has no ties to resolve among them; they come back
+    with value 0 (inert: any index, no gradient)."""
+    n, m = dead.shape
+    per_expert = dead.sum(1)
+    width = max(int(per_expert.max()), 1)
+    dead_ids = torch.argsort(~dead, dim=1, stable=True)[:, :width]  # dead local ids first, ascending
+    valid = torch.arange(width, device=dead.device) < per_expert[:, None]
+    ids = dead_ids[expert_sorted]
+    cand = torch.gather(acts_sorted, 1, ids)
+    live = valid[expert_sorted] & (cand > 0)
+    # not positive dead: below every live entry, lower positions ranked higher (no ties)
+    filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
+    cand = torch.where(live, cand, filler)
+    j = max(min(int(live.sum(1).max()), aux_k), 1)
+    values, pos = topk_lowest_index_ties(cand, j)
+    return values.clamp_(min=0), torch.gather(ids, 1, pos)
 
 
 def _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, ends):
@@ -155,4 +192,11 @@ def encode(x_centered, W_enc, b_enc, expert):
 def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
     """relu(encode(x - b_pre, ...)) and its TopK: -> acts (T, m) (None without keep_acts),
     values (T, k), indices (T, k)."""
-    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts)
+    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, None, 0)[:3]
+
+
+def encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int, keep_acts: bool = True):
+    """`encode_topk` and AuxK's top aux_k dead latents of the same acts (`dead_topk`), both
+    with one sparse backward.  dead: (N, m) bool -> acts, values, indices, aux_values,
+    aux_indices (T, j)."""
+    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k)
