@@ -4,6 +4,7 @@
     python -m switchsae.bench --backends torch --dtype bfloat16 --out bench/results/h100
     python -m switchsae.bench --grid quick          # a one-minute smoke run
     python -m switchsae.bench --backends torch --grid gpu --d-in 2304   # on a GPU: M up to 2^20
+    python -m switchsae.bench scale-sweep --threads 1  # the M sweep at fixed m (bench/scale_sweep.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from .run import GRIDS, run_backend
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["scale-sweep"]:  # the dictionary-size sweep owns its options
+        from .scale_sweep import main as scale_sweep_main
+
+        return scale_sweep_main(argv[1:])
     parser = OneLineParser(prog="switchsae bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])

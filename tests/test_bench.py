@@ -160,3 +160,41 @@ def test_mlx_peak_memory_uses_its_counter():
 
     peak, how = peak_memory(lambda: mx.ones((1000, 1000)) * 2.0, backend)
     assert how == "mx.get_peak_memory" and 4e6 <= peak <= 1.2e7
+
+
+def test_scale_sweep_runs_sizes_in_their_own_processes_and_records_ratios(tmp_path, monkeypatch):
+    """`switchsae bench scale-sweep`: every (size, optimiser) is measured by a child process
+    (--one) whose JSON line becomes a row; dense Adam stops at --dense-max-log2-m; the ratios
+    compare the largest size with the smallest; JSON and PNG are written."""
+    from switchsae.bench import scale_sweep
+
+    calls = []
+
+    def fake_child(cmd, what):
+        log2_m, optimizer = cmd[cmd.index("--one") + 1].split(",")
+        calls.append((int(log2_m), optimizer, cmd[cmd.index("--threads") + 1]))
+        M = 2 ** int(log2_m)
+        row = {"log2_m": int(log2_m), "n_latents": M, "optimizer": optimizer, "tokens_per_s": 1e6 / M,
+               "peak_memory_bytes": 3 * 4 * M * 16, "peak_over_fp32_params": 3.0 + M / 2**14}
+        return row
+
+    monkeypatch.setattr(scale_sweep, "run_child", fake_child)
+    assert bench_main(["scale-sweep", "--min-log2-m", "11", "--max-log2-m", "13", "--dense-max-log2-m", "12",
+                       "--m", "1024", "--threads", "1", "--skip-auxk-check", "--out", str(tmp_path)]) == 0
+    assert calls == [(11, "lazy_adam", "1"), (11, "adam", "1"), (12, "lazy_adam", "1"), (12, "adam", "1"),
+                     (13, "lazy_adam", "1")]
+    record = json.loads((tmp_path / "scale_sweep.json").read_text())
+    assert record["ratios"]["lazy_adam"] == {"tokens_per_s_2^13_over_2^11": 0.25, "peak_over_fp32_params_2^13": 3.5}
+    assert record["ratios"]["adam"]["tokens_per_s_2^12_over_2^11"] == 0.5
+    assert (tmp_path / "scale_sweep.png").stat().st_size > 0
+
+
+def test_scale_sweep_measures_one_size_with_auxk_live():
+    """The child's measurement, in process on a tiny size: a lazy step with AuxK's dead mask
+    runs, and the peak memory is the whole process's (above the parameters' bytes)."""
+    from switchsae.bench.scale_sweep import measure_size
+
+    row = measure_size(10, "lazy_adam", "cpu", "float32", 1, d=32, m=256, k=4, batch=64, steps=1)
+    assert row["n_experts"] == 4 and row["tokens_per_s"] > 0
+    assert row["fp32_param_bytes"] == 4 * (2 * 1024 * 32 + 2 * 32 + 4 * 32)
+    assert row["peak_memory_bytes"] > row["fp32_param_bytes"]

@@ -24,11 +24,11 @@ import array_api_compat.numpy as np_xp
 import array_api_compat.torch as torch_xp
 from switchsae.backends import load_backend
 from switchsae.backends.torch import Backend as TorchBackend
-from switchsae.backends.torch import dispatch, optim, sparse
+from switchsae.backends.torch import dispatch, lazy, optim, sparse
 from switchsae.backends.torch import topk as torch_topk
 from switchsae.backends.torch.decode import SparseDecode
 from switchsae.backends.torch.device import DeviceError, select_device
-from switchsae.backends.torch.encode import ExpertEncode, encode_topk
+from switchsae.backends.torch.encode import ExpertEncode, encode_topk, latent_major
 from switchsae.conformance import harness as H
 from switchsae.conformance.cases import build
 from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
@@ -383,6 +383,14 @@ def test_latent_major_encoder_changes_layout_not_values():
         assert_fast(grads_a[n], grads_b[n], f"grad {n}", 1e-12)
 
 
+def test_latent_major_rearranges_a_contiguous_encoder_in_place():
+    W = torch.randn(3, 5, 4, dtype=torch.float64)
+    want = W.clone()
+    got = latent_major(W)
+    assert got.data_ptr() == W.data_ptr() and got.transpose(1, 2).is_contiguous()
+    assert torch.equal(got, want) and latent_major(got) is got
+
+
 def test_update_is_in_place():
     cfg = SwitchSAEConfig(d_in=8, n_latents=16, n_experts=2, k=2)
     params = {n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()}
@@ -395,17 +403,22 @@ def test_update_is_in_place():
 # -- no (batch, n_latents) or (batch, N, m) tensor in a train step --------------------------
 
 class AllocationRecorder(TorchDispatchMode):
-    """Records the shape of every dense tensor an ATen op returns (autograd's backward included)."""
+    """Records the shape of every dense tensor an ATen op returns (autograd's backward included):
+    `shapes`, and `allocated`, those not sharing memory with an input (no views, no in-place)."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.shapes, self.allocated = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 self.shapes.append(tuple(t.shape))
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.allocated.append(tuple(t.shape))
         return out
 
 
@@ -452,11 +465,65 @@ def test_allocation_check_catches_the_dense_reference_encoder():
 
     class DenseEncode(TorchBackend):
         encode = ReferenceHooks.encode
-        encode_topk = ReferenceHooks.encode_topk  # the standard-ops hook, calling encode above
+        encode_topk = ReferenceHooks.encode_topk  # the standard-ops hooks, calling encode above
+        encode_topk_aux = ReferenceHooks.encode_topk_aux
 
     cfg = SwitchSAEConfig(d_in=16, n_latents=512, n_experts=8, k=4)
     shapes = _step_shapes(DenseEncode(), cfg, 256, use_update=True)
     assert (256, 8, 64) in _too_big(shapes, 256, cfg)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_lazy_train_step_allocates_no_dictionary_sized_gradient(optimizer):
+    """Lazy-Adam torch steps (the first, which makes W_enc latent-major in place, and the next)
+    allocate nothing of (M, d) size: the latent-row gradients come as the touched rows (at most
+    batch * (k + k_aux) = 192 < M / 2 here).  The dense step, recorded the same way, allocates
+    its (N, m, d) gradients: the check can fail."""
+    cfg = SwitchSAEConfig(d_in=64, n_latents=512, n_experts=8, k=4, auxk_coef=1 / 32, k_aux=4,
+                          encoder_bias=True)
+    params = {n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()}
+    x = be.asarray(np.random.default_rng(6).normal(size=(24, cfg.d_in)), "float32")
+    dead = be.asarray(np.random.default_rng(7).random(cfg.total_latents) < 0.5)
+    state = adam_init(params, be.xp)
+    with AllocationRecorder() as rec:
+        for _ in range(2):
+            params, state, _ = train_step(be, cfg, params, state, x, 1e-3, dead, optimizer=optimizer)
+    assert params["W_enc"].transpose(1, 2).is_contiguous()
+    big = [s for s in rec.allocated if np.prod(s, dtype=np.int64) >= cfg.n_latents * cfg.d_in // 2]
+    if optimizer == "adam":
+        assert (cfg.n_latents, cfg.d_in) in big, "the recorder missed the dense (M, d) gradients"
+        return
+    assert not big, f"dictionary-sized allocations in a lazy step: {big}"
+    rows = [s for s in rec.allocated if len(s) == 2 and s[1] == cfg.d_in and 4 < s[0] <= 192]
+    assert rows, "the recorder missed the (touched rows, d) gradients"
+
+
+def test_lazy_fast_path_equals_core_lazy_update(monkeypatch):
+    """Three lazy steps through the row collection and the in-place row update (in blocks of 5
+    rows, so several blocks) equal core's mask-based reference (apply_lazy_update) on the same
+    torch float64 gradients, clipping active (1e-2) and not; float64: only summation order differs."""
+    from switchsae.core.train_step import apply_lazy_update
+
+    monkeypatch.setattr(lazy, "ROW_BLOCK", 5)
+    cfg = SwitchSAEConfig(d_in=16, n_latents=128, n_experts=4, k=4, auxk_coef=0.5, k_aux=6,
+                          encoder_bias=True, shared_latents=8, shared_k=1)
+    rng = np.random.default_rng(12)
+    dead = be.asarray(rng.random(cfg.total_latents) < 0.4)
+    for clip in (1e-2, None):
+        fast = {n: be.asarray(p, "float64") for n, p in init_params(cfg, 1).items()}
+        ref = {n: p.clone() for n, p in fast.items()}
+        fast_state, ref_state = adam_init(fast, be.xp), adam_init(ref, be.xp)
+        for _ in range(3):
+            x = be.asarray(rng.normal(size=(20, 16)))
+            _, ref_grads = be.loss_and_grads(ref, x, cfg, dead)
+            ref, ref_state = apply_lazy_update(be.xp, ref, ref_grads, ref_state, 1e-2, clip)
+            _, rows = be.loss_and_row_grads(fast, x, cfg, dead)
+            assert isinstance(rows["W_dec"], lazy.Rows) and rows["W_dec"].ids.shape[0] < cfg.n_latents
+            fast, fast_state = be.lazy_update(fast, rows, fast_state, 1e-2, clip)
+        for n in fast:
+            for got, want, what in ((fast[n], ref[n], "param"), (fast_state.m[n], ref_state.m[n], "m"),
+                                    (fast_state.v[n], ref_state.v[n], "v")):
+                assert_fast(got, want, f"{what} {n} (clip {clip})", 1e-12)
 
 
 # -- arrays and devices -------------------------------------------------------------------------

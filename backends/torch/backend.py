@@ -18,9 +18,10 @@ from switchsae.core.spec import ForwardOutput, forward
 from .decode import decode as sparse_decode
 from .device import keep_freed_cpu_memory, select_device
 from .encode import encode as expert_encode
-from .encode import encode_topk as expert_encode_topk
 from .encode import encode_topk_aux as expert_encode_topk_aux
 from .encode import latent_major
+from .lazy import RowGradients
+from .lazy import lazy_update as fused_lazy_update
 from .optim import fused_update
 from .topk import topk_lowest_index_ties
 
@@ -33,6 +34,7 @@ class TorchBackend(Backend):
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = select_device(str(device) if device is not None else None)
+        self._row_grads = None  # the lazy-Adam collector while loss_and_row_grads runs
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
 
@@ -68,25 +70,43 @@ class TorchBackend(Backend):
         return expert_encode(x_centered, W_enc, b_enc, expert)
 
     def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
-        return expert_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts)
+        return self.encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, None, 0, keep_acts)[:3]
 
     def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
-        return expert_encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts)
+        rows = self._row_grads if self._row_grads is not None and self._row_grads.owns_encoder(W_enc) else None
+        return expert_encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts, rows)
 
     def decode(self, values, indices, W_dec_flat):
-        return sparse_decode(values, indices, W_dec_flat)
+        rows = self._row_grads if self._row_grads is not None and self._row_grads.owns_decoder(W_dec_flat) else None
+        return sparse_decode(values, indices, W_dec_flat, rows)
 
     # -- training -----------------------------------------------------------------------------
     def loss_and_grads(self, params, x, cfg, dead_mask=None):
         """Autograd through core.spec.forward with this backend's hooks."""
         return self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask))
 
-    def differentiate(self, params, run, loss_scale: float = 1.0):
+    def loss_and_row_grads(self, params, x, cfg, dead_mask=None):
+        """`loss_and_grads`, but W_enc, W_dec and b_enc get their gradients as `lazy.Rows` (the
+        latents that received gradient and their rows) straight from the sparse backwards: no
+        (N, m, d) gradient.  With experts_per_token > 1 (whose encoder has no such backward)
+        the gradients are dense."""
+        if cfg.experts_per_token > 1:
+            return self.loss_and_grads(params, x, cfg, dead_mask)
+        self._row_grads = RowGradients(params)
+        try:
+            out, grads = self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask),
+                                            constant=tuple(self._row_grads.params))
+            return out, dict(grads, **self._row_grads.rows())
+        finally:
+            self._row_grads = None
+
+    def differentiate(self, params, run, loss_scale: float = 1.0, constant=()):
         """run(params) -> ForwardOutput.  -> (its ForwardOutput with detached tensors, gradients
         of loss_scale * losses["total"]); a parameter the loss does not reach (a process's
-        experts that received no token) gets a zero gradient."""
-        names = list(params)
-        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        experts that received no token) gets a zero gradient.  The params named in `constant`
+        are held constant (no gradient returned)."""
+        names = [n for n in params if n not in constant]
+        leaves = dict(params, **{n: params[n].detach().requires_grad_(True) for n in names})
         with torch.enable_grad():
             out = run(leaves)
             total = out.losses["total"] if loss_scale == 1.0 else out.losses["total"] * loss_scale
@@ -108,6 +128,11 @@ class TorchBackend(Backend):
         """W_enc `latent_major`: same shape and values, strides that spare the encoder backward
         two transposed copies per step (its gradient and moments follow the parameter's layout)."""
         return dict(arrays, W_enc=latent_major(arrays["W_enc"])) if "W_enc" in arrays else arrays
+
+    def lazy_update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """Lazy Adam in place (`lazy.lazy_update`): reads and writes only the touched latents'
+        rows of W_enc, W_dec, b_enc and their moments.  -> (params, opt_state)."""
+        return fused_lazy_update(params, grads, opt_state, lr, max_grad_norm, betas)
 
     def block_until_ready(self, tree):
         if self.device.type == "cuda":

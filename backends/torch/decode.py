@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 
 from .dispatch import sort_rows, unsort_rows
-from .sparse import fixed_pattern, gather_sum, sampled_dot, scatter_outer
+from .sparse import compact_cols, fixed_pattern, gather_sum, sampled_dot, scatter_outer
 
 
 class SparseDecode(torch.autograd.Function):
-    """(values (T, k), indices (T, k) int, table (M, d)) -> (T, d)."""
+    """(values (T, k), indices (T, k) int, table (M, d), sink) -> (T, d).  sink: a
+    `lazy.RowGradients` that takes the table's gradient at the rows used, or None."""
 
     @staticmethod
-    def forward(ctx, values, indices, table):
+    def forward(ctx, values, indices, table, sink=None):
         order = torch.argsort(indices[:, 0]) if indices.shape[1] else None
         values, indices = sort_rows(values, order), sort_rows(indices, order)
         ctx.save_for_backward(values, indices, table, order)
+        ctx.sink = sink
         return unsort_rows(gather_sum(fixed_pattern(indices, table.shape[0]), values.reshape(-1), table), order)
 
     @staticmethod
@@ -34,9 +36,12 @@ class SparseDecode(torch.autograd.Function):
             grad_values = unsort_rows(sampled_dot(pattern, grad_out, table).view(values.shape), order)
         if ctx.needs_input_grad[2]:
             grad_table = scatter_outer(pattern, values.reshape(-1), grad_out)
-        return grad_values, None, grad_table
+        if ctx.sink is not None:  # lazy Adam: (rows used, d), no (M, d) table
+            ids, local = compact_cols(pattern)
+            ctx.sink.add("W_dec", ids, scatter_outer(local, values.reshape(-1), grad_out))
+        return grad_values, None, grad_table, None
 
 
-def decode(values, indices, table):
-    """values, indices: (T, k); table: (N*m, d) -> (T, d)."""
-    return SparseDecode.apply(values, indices, table)
+def decode(values, indices, table, sink=None):
+    """values, indices: (T, k); table: (N*m, d) -> (T, d).  sink: see `SparseDecode`."""
+    return SparseDecode.apply(values, indices, table, sink)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
-from .sparse import (Pattern, accumulation_dtype, fixed_pattern, gather_sum, row_pattern,
+from .sparse import (Pattern, accumulation_dtype, compact_cols, fixed_pattern, gather_sum, row_pattern,
                      scatter_outer)
 from .topk import topk_lowest_index_ties
 
@@ -50,11 +50,10 @@ class ExpertEncodeTopK(torch.autograd.Function):
     """(x (T, d), b_pre (d,), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts,
     dead (N, m) bool or None, aux_k) -> acts (T, m) = relu((x - b_pre) @ W_enc[expert]
     (+ b_enc[expert])) (None without keep_acts), values (T, k), indices (T, k) = TopK of acts
-    (spec tie rule), and with a dead mask AuxK's aux_values, aux_indices (T, j) (`dead_topk`),
-    else None, None."""
+    (spec tie rule), and with a dead mask also AuxK's aux_values, aux_indices (T, j) (`dead_topk`)."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k):
+    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead=None, aux_k=0, sink=None):
         routing = route(expert, W_enc.shape[0])
         perm = routing.perm
         x_sorted, expert_sorted = sort_rows(x, perm) - b_pre, sort_rows(expert, perm)
@@ -69,14 +68,16 @@ class ExpertEncodeTopK(torch.autograd.Function):
             ctx.mark_non_differentiable(aux_indices)
         acts = unsort_rows(acts_sorted, perm) if keep_acts else None
         indices = unsort_rows(indices_sorted[:, :k], perm)
-        ctx.k = k
+        ctx.k, ctx.sink, ctx.has_b = k, sink, b_enc is not None
         ctx.save_for_backward(x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted)
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        return acts, unsort_rows(values_sorted[:, :k], perm), indices, aux_values, aux_indices
+        main = acts, unsort_rows(values_sorted[:, :k], perm), indices
+        return main if dead is None else (*main, aux_values, aux_indices)
 
     @staticmethod
-    def backward(ctx, grad_acts, grad_values, _, grad_aux, __):
+    def backward(ctx, grad_acts, grad_values, _, *aux_grads):
+        grad_aux = aux_grads[0] if aux_grads else None
         x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad[:4]
         n, _, m = W_enc.shape
@@ -95,11 +96,13 @@ class ExpertEncodeTopK(torch.autograd.Function):
             grad_pre.scatter_add_(1, indices_sorted, kept_grad)
             pattern, values = _dense_entries(grad_pre, expert_sorted, m, n)
         grad_x, grad_W, grad_b = _sparse_backward(pattern, values, x_sorted, W_enc, need_x, need_W, need_b)
+        if ctx.sink is not None:  # lazy Adam: W_enc's (and b_enc's) gradient at the touched latents only
+            _collect_rows(ctx.sink, pattern, values, x_sorted, ctx.has_b)
         grad_b_pre = None
         if need_b_pre:  # d/d b_pre = -sum_t d/d x_t: one product with per-latent sums, not T
             grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, W_enc)
         return ((unsort_rows(grad_x, perm) if need_x else None), grad_b_pre, grad_W, grad_b,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int):
@@ -158,6 +161,15 @@ def _sparse_backward(pattern: Pattern, values, x_rows, W_enc, need_x, need_W, ne
     return grad_x, grad_W, grad_b
 
 
+def _collect_rows(sink, pattern: Pattern, values, x_rows, has_b: bool) -> None:
+    """Hand W_enc's gradient rows (and b_enc's entries) at the latents `pattern` touches to the
+    lazy-Adam collector `sink` (`lazy.RowGradients`): (r, d) and (r,), no (N*m, d) table."""
+    ids, local = compact_cols(pattern)
+    sink.add("W_enc", ids, scatter_outer(local, values, x_rows))
+    if has_b:
+        sink.add("b_enc", ids, _latent_sums(local, values))
+
+
 def _latent_rows(W_enc):
     """W_enc (N, d, m) as its (N*m, d) table of latent rows: a view if latent-major."""
     n, d, m = W_enc.shape
@@ -172,16 +184,27 @@ def _latent_sums(pattern: Pattern, values):
 
 def _latent_sum_product(pattern: Pattern, values, W_enc):
     """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows."""
-    table = _latent_rows(W_enc)
-    sums = _latent_sums(pattern, values)
-    return (sums @ table.to(sums.dtype)).to(table.dtype)
+    n, d, m = W_enc.shape
+    sums = _latent_sums(pattern, values)  # W_enc[e] @ sums[e], summed: any layout, no (N*m, d) table
+    return torch.bmm(W_enc.to(sums.dtype), sums.view(n, m, 1)).sum(0).view(d).to(W_enc.dtype)
 
 
 def latent_major(W_enc: torch.Tensor) -> torch.Tensor:
     """W_enc (N, d, m) stored with each latent's d weights contiguous (strides (d*m, 1, d)), the
-    layout whose sparse backward needs no transposes; W_enc itself when it already is."""
+    layout whose sparse backward needs no transposes; W_enc itself when it already is.  A
+    contiguous W_enc is rearranged IN PLACE, expert by expert (its storage is reused: the tensor
+    passed in then holds the rearranged numbers), so the dictionary is never copied whole."""
     rows = W_enc.transpose(1, 2)
-    return W_enc if rows.is_contiguous() else rows.contiguous().transpose(1, 2)
+    if rows.is_contiguous():
+        return W_enc
+    if not W_enc.is_contiguous():
+        return rows.contiguous().transpose(1, 2)
+    n, d, m = W_enc.shape
+    flat = W_enc.view(n, d * m)
+    with torch.no_grad():
+        for e in range(n):  # one (d, m) block at a time through a small buffer
+            flat[e].copy_(W_enc[e].t().contiguous().view(-1))
+    return W_enc.as_strided((n, d, m), (d * m, 1, d))
 
 
 def encode(x_centered, W_enc, b_enc, expert):
@@ -192,11 +215,14 @@ def encode(x_centered, W_enc, b_enc, expert):
 def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
     """relu(encode(x - b_pre, ...)) and its TopK: -> acts (T, m) (None without keep_acts),
     values (T, k), indices (T, k)."""
-    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, None, 0)[:3]
+    return encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, None, 0, keep_acts)[:3]
 
 
-def encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int, keep_acts: bool = True):
+def encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int, keep_acts: bool = True,
+                    sink=None):
     """`encode_topk` and AuxK's top aux_k dead latents of the same acts (`dead_topk`), both
-    with one sparse backward.  dead: (N, m) bool -> acts, values, indices, aux_values,
-    aux_indices (T, j)."""
-    return ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k)
+    with one sparse backward.  dead: (N, m) bool or None (no AuxK) -> acts, values, indices,
+    aux_values, aux_indices (T, j) (None without AuxK).  sink: a `lazy.RowGradients` that takes
+    W_enc's and b_enc's gradients (they then need none from autograd), or None."""
+    out = ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k, sink)
+    return out if dead is not None else (*out, None, None)

@@ -19,6 +19,8 @@ from switchsae.core.optim import CLIP_EPS, AdamState
 from torch.optim.adam import adam
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from .encode import latent_major
+
 
 def fused_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=1.0,
                  betas=(0.9, 0.999), eps: float = 1e-8) -> tuple[dict, AdamState]:
@@ -67,8 +69,13 @@ def fused_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=
 
 
 def _in_layout_of(t, like):
-    """t itself when it has like's strides, else a copy with them."""
-    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+    """t itself when it has like's strides, else t rearranged to them: in place for a contiguous
+    tensor and a latent-major `like` (a W_enc moment, see `latent_major`), else a copy."""
+    if t.stride() == like.stride():
+        return t
+    if t.ndim == 3 and t.is_contiguous() and like.stride() == (t.shape[1] * t.shape[2], 1, t.shape[1]):
+        return latent_major(t)
+    return torch.empty_like(like).copy_(t)
 
 
 def _memory_order(t):

@@ -53,6 +53,23 @@ def row_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
     return Pattern(rows, cols, row_ptr, n_cols)
 
 
+def compact(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids: (nnz,) int in 0..n-1 -> (unique ids (r,) ascending, position of each id in them (nnz,)),
+    through an (n,) table rather than a sort."""
+    seen = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    seen[ids] = True
+    unique = torch.nonzero(seen).squeeze(1)
+    position = torch.cumsum(seen, 0).sub_(1)
+    return unique, position[ids]
+
+
+def compact_cols(p: Pattern) -> tuple[torch.Tensor, Pattern]:
+    """The pattern over the columns it uses: -> (those columns (r,) ascending, the pattern with
+    cols renumbered 0..r-1 in that order)."""
+    unique, position = compact(p.cols, p.n_cols)
+    return unique, Pattern(p.rows, position, p.row_ptr, unique.shape[0])
+
+
 def counts(index: torch.Tensor, n: int) -> torch.Tensor:
     """(n,) int64: how often each of 0..n-1 occurs in index (bincount with a static shape, so
     torch.compile needs no graph break)."""

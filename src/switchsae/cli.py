@@ -34,7 +34,7 @@ PRESETS = ("default", "paper")
 _RUN_OPTIONS = ("data", "text", "model", "layer", "eval_data", "holdout_every", "d_in", "latents",
                 "experts", "k", "preset", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
                 "seed", "log_every", "checkpoint_every", "dead_tokens", "no_normalize", "no_cache",
-                "text_column", "one_per_line", "max_length")
+                "text_column", "one_per_line", "max_length", "optimizer")
 
 
 class CLIError(Exception):
@@ -143,6 +143,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--warmup", type=nonnegative_int, help="warm-up steps (default 1%% of --steps)")
     t.add_argument("--dead-tokens", type=positive_int, help="tokens without firing = dead (default 5%% of the run's "
                    "tokens, at most 10M)")
+    t.add_argument("--optimizer", choices=("adam", "lazy_adam"),
+                   help="adam (dense, default) or lazy_adam (updates only the latents that got gradient)")
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")
     t.add_argument("--seed", type=nonnegative_int, help=f"initialisation and data-order seed (default {d['seed']})")
     t.add_argument("--parallel", choices=("data", "expert"),
@@ -335,7 +337,7 @@ def _new_run(args, backend):
                                  n_latents=args.latents or DEFAULTS["expansion"] * d_in,
                                  n_experts=pick("experts"), k=pick("k"),
                                  **{k: v for k, v in given_cfg.items() if v is not None})
-    given_tc = {"lr": args.lr, "warmup_steps": args.warmup}
+    given_tc = {"lr": args.lr, "warmup_steps": args.warmup, "optimizer": args.optimizer}
     tc = TrainConfig.preset(args.preset or "default", steps=pick("steps"), batch_size=pick("batch_size"),
                             seed=pick("seed"), log_every=pick("log_every"),
                             checkpoint_every=pick("checkpoint_every"), normalize=not args.no_normalize,

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from switchsae.core.config import PAPER_LR_ANCHOR, ConfigError, check_int, check_number, scaled_lr
+from switchsae.core.optim import OPTIMIZERS
 
 # Settings derived from the run's size (measured: README "Training defaults")
 WARMUP_FRACTION = 0.01     # warm-up over the first 1% of the steps
@@ -26,6 +27,8 @@ class TrainConfig:
     decay_fraction: the final fraction of the steps over which the rate decays linearly to 0
         (the paper: 0.2).
     max_grad_norm: global gradient-norm clip (`None`: off).
+    optimizer: "adam" (dense) or "lazy_adam" (row-sparse: only the latents that received
+        gradient are updated, see `switchsae.core.optim`).
     seed: initialisation seed (the data order has its own seed in the source).
     log_every / checkpoint_every: steps between metric lines / resumable checkpoints (the
         last step always logs and checkpoints).  keep_checkpoints: how many to keep.
@@ -46,6 +49,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     decay_fraction: float = 0.2
     max_grad_norm: float | None = 1.0
+    optimizer: str = "adam"
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ConfigError(f"normalize must be true or false, got {self.normalize!r}")
         if self.out_dir is not None and not isinstance(self.out_dir, str):
             raise ConfigError(f"out_dir must be a path string or None, got {self.out_dir!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         decay_start = self.steps - round(self.decay_fraction * self.steps)
         if self.warmup > decay_start:
             raise ConfigError(

@@ -183,7 +183,8 @@ class Trainer:
         log = self._open_log()
         history = read_metrics(log.path) if log else []
         step_fn = self.backend.compile_step(
-            functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm))
+            functools.partial(train_step, self.backend, self.cfg, max_grad_norm=tc.max_grad_norm,
+                              optimizer=tc.optimizer))
         pending = self._initialise(self._checked_batch(whole=True))[self.rows] if self.params is None else None
         bar = tqdm(total=tc.steps, initial=self.step, unit="step", disable=not (self.progress and self.is_main),
                    desc=f"switch sae ({self.backend.name})", dynamic_ncols=True)
@@ -351,6 +352,8 @@ def check_config(cfg: SwitchSAEConfig, tc: TrainConfig, backend) -> None:
                           "dtype='float16' (switchsae eval --dtype float16) for inference")
     check_fits_in_memory(cfg, copies=3, what="training (parameters and Adam's two moments)")
     backend.check_partition(cfg, tc.batch_size)  # parallel: equal batch slices, whole experts
+    if tc.optimizer == "lazy_adam" and backend.parallel:  # its row gradients are one process's
+        raise ConfigError(f"optimizer 'lazy_adam' runs on one process; use 'adam' with {backend.describe_parallel()}")
 
 
 def _check_setup(cfg: SwitchSAEConfig, tc: TrainConfig, source, backend) -> None:

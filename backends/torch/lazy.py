@@ -1,0 +1,150 @@
+"""Lazy Adam on torch without a dense (M, d) gradient: the latent-row gradients are collected as
+(touched latent ids, their rows) by the sparse backwards, and the update reads and writes only
+those rows of W_enc, W_dec, b_enc and their moments (`core.optim`'s lazy Adam, in place).
+
+During `TorchBackend.loss_and_row_grads` the latent-row parameters take no part in autograd: the
+fused encoder's and the sparse decode's backwards hand their gradients, over the latents their
+patterns touch, to a `RowGradients` collector instead of scattering them into (N*m, d) tables."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import array_api_compat.torch as torch_xp
+import torch
+from switchsae.core.constraints import DECODERS, NORM_EPS
+from switchsae.core.optim import CLIP_EPS, LATENT_ROW_PARAMS, AdamState
+from torch.optim.adam import adam
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+from .encode import latent_major
+from .optim import _in_layout_of, fused_update
+from .sparse import compact
+
+
+ROW_BLOCK = 16384  # rows updated at a time: p, m, v of a block are ~75 MiB at d = 384
+
+
+class Rows(NamedTuple):
+    """A latent-row parameter's gradient at some latents.  ids: (r,) int64 ascending latent ids;
+    values: (r, d) (W_enc, W_dec) or (r,) (b_enc)."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+
+
+class RowGradients:
+    """Collects the gradients of the latent-row parameters `params` (name -> tensor, which take
+    no part in autograd meanwhile) as parts (ids, rows), to be summed by `rows()`."""
+
+    def __init__(self, params: dict):
+        self.params = {n: params[n] for n in LATENT_ROW_PARAMS if n in params}
+        self.n_latents = self.params["W_dec"].shape[0] * self.params["W_dec"].shape[1]
+        self.parts = {n: [] for n in self.params}
+
+    def owns_encoder(self, W_enc) -> bool:
+        return W_enc is self.params.get("W_enc")
+
+    def owns_decoder(self, table) -> bool:
+        """Whether `table` (N*m, d) is W_dec's flat view."""
+        W_dec = self.params["W_dec"]
+        return table.data_ptr() == W_dec.data_ptr() and table.shape[0] == self.n_latents
+
+    def add(self, name: str, ids, values) -> None:
+        self.parts[name].append((ids, values))
+
+    def rows(self) -> dict:
+        """name -> Rows, all over the same ids: the latents where some part has a non-zero
+        gradient entry (`core.optim.received_gradient`)."""
+        pieces = [ids for parts in self.parts.values() for ids, _ in parts]
+        device = self.params["W_dec"].device
+        ids, _ = compact(torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=device),
+                         self.n_latents)
+        slot = torch.empty(self.n_latents, dtype=torch.int64, device=device)
+        slot[ids] = torch.arange(ids.shape[0], device=device)
+        out, nonzero = {}, torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        for name, p in self.params.items():
+            parts = self.parts.pop(name)
+            if len(parts) == 1 and parts[0][0].shape == ids.shape:  # already over every id, in order
+                total = parts[0][1].to(p.dtype)
+            else:
+                row_shape = p.shape[2:] if name == "W_dec" else p.shape[1:2] if name == "W_enc" else ()
+                total = p.new_zeros((ids.shape[0], *row_shape))
+                for part_ids, values in parts:
+                    total.index_add_(0, slot[part_ids], values.to(total.dtype))
+            del parts
+            out[name] = total
+            nonzero |= (total != 0) if total.ndim == 1 else (total != 0).any(1)
+        if bool(nonzero.all()):
+            return {name: Rows(ids, values) for name, values in out.items()}
+        keep = torch.nonzero(nonzero).squeeze(1)
+        return {name: Rows(ids[keep], values[keep]) for name, values in out.items()}
+
+
+def latent_view(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The (M, ...) view of a latent-row tensor in its training layout (W_enc latent-major)."""
+    if name == "W_enc":
+        return t.transpose(1, 2).view(-1, t.shape[1])
+    return t.view(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def lazy_update(params: dict, grads: dict, state: AdamState, lr, max_grad_norm=1.0,
+                betas=(0.9, 0.999), eps: float = 1e-8) -> tuple[dict, AdamState]:
+    """`core.train_step.apply_lazy_update` in place.  grads: the latent-row parameters' as `Rows`
+    (or dense tensors, turned into Rows by a scan), the others dense.  W_enc (and its moments) are
+    made latent-major as by `TorchBackend.update`.  -> (params, AdamState(step + 1, m, v))."""
+    params = dict(params, W_enc=latent_major(params["W_enc"]))
+    latent = [n for n in LATENT_ROW_PARAMS if n in params]
+    if not isinstance(grads["W_dec"], Rows):  # dense gradients (a backend without row collection)
+        grads = dict(grads, **_as_rows({n: grads[n] for n in latent}))
+    ids = grads["W_dec"].ids
+    m, v = ({n: _in_layout_of(t[n], params[n]) for n in params} for t in (state.m, state.v))
+    dense = [n for n in params if n not in latent]
+    row_grads = {n: grads[n].values for n in latent}
+
+    if max_grad_norm is not None:  # exact: the rows left out have zero gradient
+        squares = [torch.linalg.vector_norm(g) ** 2 for g in [*row_grads.values(), *(grads[n] for n in dense)]]
+        scale = torch.clamp(max_grad_norm / (torch.sqrt(sum(squares)) + CLIP_EPS), max=1.0)
+        for g in [*row_grads.values(), *(grads[n] for n in dense)]:
+            g.mul_(scale.to(g.dtype))
+
+    # the dense parameters (router, b_pre, the shared expert): the fused dense step, unclipped now
+    dense_params, dense_state = fused_update({n: params[n] for n in dense}, {n: grads[n] for n in dense},
+                                             AdamState(state.step, {n: m[n] for n in dense},
+                                                       {n: v[n] for n in dense}), lr, None, betas, eps)
+    m.update(dense_state.m)
+    v.update(dense_state.v)
+
+    views = {n: [latent_view(n, t[n]) for t in (params, m, v)] for n in latent}
+    device = ids.device
+    fused = device.type in _get_fused_kernels_supported_devices()
+    for start in range(0, ids.shape[0], ROW_BLOCK):  # bounded temporaries
+        block = slice(start, start + ROW_BLOCK)
+        block_ids = ids[block]
+        rows = {n: [view.index_select(0, block_ids) for view in views[n]] for n in latent}  # p, m, v
+        g, w = row_grads["W_dec"][block], rows["W_dec"][0]  # core.constraints.remove_parallel_grad:
+        g.addcmul_(torch.linalg.vecdot(g, w)[:, None], w, value=-1.0)
+        # Adam on the gathered rows: torch's (fused) kernel, as `fused_update` uses for dense tensors
+        adam([rows[n][0] for n in latent], [g if n == "W_dec" else row_grads[n][block] for n in latent],
+             [rows[n][1] for n in latent],
+             [rows[n][2] for n in latent], [], [torch.tensor(float(state.step), device=device) for _ in latent],
+             fused=fused, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=float(lr), weight_decay=0.0,
+             eps=eps, maximize=False)
+        for n in latent:
+            if n in DECODERS:  # renormalise the touched decoder rows
+                rows[n][0].div_(torch.linalg.vector_norm(rows[n][0], dim=-1, keepdim=True).add_(NORM_EPS))
+            for view, new in zip(views[n], rows[n]):
+                view.index_copy_(0, block_ids, new)
+    return dict(params, **dense_params), AdamState(state.step + 1, m, v)
+
+
+def _as_rows(grads: dict) -> dict:
+    """Dense latent-row gradients -> Rows at the latents with a non-zero entry in any of them."""
+    flat = {n: latent_view(n, g) if n != "W_enc" else g.transpose(1, 2).reshape(-1, g.shape[1])
+            for n, g in grads.items()}
+    nonzero = None
+    for t in flat.values():
+        row = (t != 0) if t.ndim == 1 else (t != 0).any(1)
+        nonzero = row if nonzero is None else nonzero | row
+    ids = torch.nonzero(nonzero).squeeze(1)
+    return {n: Rows(ids, t.index_select(0, ids)) for n, t in flat.items()}
