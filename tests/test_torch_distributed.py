@@ -53,7 +53,7 @@ EXPERT_RUNS = [(f"ep_{e}" + (f"_{v}" if v else ""), e, v)  # (tag, exchange, pro
 
 
 def problem(shared: bool = False, collapsed: bool = False, top2: bool = False):
-    """(cfg, float64 params, full batches, dead mask, probe batch): AuxK on, a strong lb term,
+    """(cfg, params, full batches, dead mask, probe batch): AuxK on, a strong lb term,
     encoder biases, and halves shifted apart along a direction the router sees.  shared: with
     a shared expert; collapsed: a zero router, so the first step routes every token to expert 0
     (rank 1's experts receive nothing); top2: two experts per token (data parallel only)."""
@@ -77,8 +77,9 @@ def problem(shared: bool = False, collapsed: bool = False, top2: bool = False):
 
 def train(backend, cfg, params, batches, dead, rank=0, world=1, count=True):
     """STEPS steps of `core.train_step` on this rank's slice; AuxK (dead mask) on odd steps.
-    params: this rank's (float64 NumPy).  -> (params, losses (STEPS, 4), counter)."""
-    params = {n: backend.asarray(p, "float32") for n, p in params.items()}
+    params: this rank's (NumPy), never written: the update is in place, and a float32 array
+    would share its memory with the tensor.  -> (params, losses (STEPS, 4), counter)."""
+    params = {n: backend.asarray(p, "float32").clone() for n, p in params.items()}
     opt, counter, losses = adam_init(params, backend.xp), torch.zeros(cfg.total_latents), []
     rows = parallel.batch_rows(BATCH, world, rank)
     for i, x in enumerate(batches):
@@ -91,7 +92,8 @@ def train(backend, cfg, params, batches, dead, rank=0, world=1, count=True):
 
 
 def _numpy(params):
-    return {n: p.detach().cpu().numpy() for n, p in params.items()}
+    """Copies: a later run's in-place update must not change what was saved."""
+    return {n: p.detach().cpu().numpy().copy() for n, p in params.items()}
 
 
 class NaiveDataParallel(TorchBackend):

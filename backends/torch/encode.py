@@ -124,7 +124,8 @@ def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int):
     # not positive dead: below every live entry, lower positions ranked higher (no ties)
     filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
     cand = torch.where(live, cand, filler)
-    j = max(min(int(live.sum(1).max()), aux_k), 1)
+    most = int(live.sum(1).max()) if live.shape[0] else 0  # a process may hold no rows
+    j = max(min(most, aux_k), 1)
     values, pos = topk_lowest_index_ties(cand, j)
     return values.clamp_(min=0), torch.gather(ids, 1, pos)
 
