@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import sort_rows, unsort_rows
-from .sparse import compact_cols, fixed_pattern, gather_sum, sampled_dot, scatter_outer
+from .sparse import compact_cols, fixed_pattern, gather_sum, nonzero_entries, sampled_dot, scatter_outer
 
 
 class SparseDecode(torch.autograd.Function):
@@ -37,8 +37,9 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_table = scatter_outer(pattern, values.reshape(-1), grad_out)
         if ctx.sink is not None:  # lazy Adam: (rows used, d), no (M, d) table
-            ids, local = compact_cols(pattern)
-            ctx.sink.add("W_dec", ids, scatter_outer(local, values.reshape(-1), grad_out))
+            used, weights = nonzero_entries(pattern, values.reshape(-1))
+            ids, local = compact_cols(used)
+            ctx.sink.add("W_dec", ids, scatter_outer(local, weights, grad_out))
         return grad_values, None, grad_table, None
 
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
-from .sparse import (Pattern, accumulation_dtype, compact_cols, fixed_pattern, gather_sum, row_pattern,
-                     scatter_outer)
+from .sparse import (Pattern, accumulation_dtype, compact_cols, fixed_pattern, gather_sum, nonzero_entries,
+                     row_pattern, scatter_outer)
 from .topk import topk_lowest_index_ties
 
 
@@ -163,9 +163,11 @@ def _sparse_backward(pattern: Pattern, values, x_rows, W_enc, need_x, need_W, ne
 
 
 def _collect_rows(sink, pattern: Pattern, values, x_rows, has_b: bool) -> None:
-    """Hand W_enc's gradient rows (and b_enc's entries) at the latents `pattern` touches to the
-    lazy-Adam collector `sink` (`lazy.RowGradients`): (r, d) and (r,), no (N*m, d) table."""
-    ids, local = compact_cols(pattern)
+    """Hand W_enc's gradient rows (and b_enc's entries) at the latents where `pattern` has a
+    non-zero value to the lazy-Adam collector `sink` (`lazy.RowGradients`): (r, d) and (r,), no
+    (N*m, d) table."""
+    used, values = nonzero_entries(pattern, values)
+    ids, local = compact_cols(used)
     sink.add("W_enc", ids, scatter_outer(local, values, x_rows))
     if has_b:
         sink.add("b_enc", ids, _latent_sums(local, values))
@@ -184,10 +186,16 @@ def _latent_sums(pattern: Pattern, values):
 
 
 def _latent_sum_product(pattern: Pattern, values, W_enc):
-    """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows."""
+    """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows.
+    Reads only the latents with a non-zero sum when W_enc is latent-major (its training layout),
+    else W_enc[e] @ sums[e] over every expert (any layout, no (N*m, d) copy)."""
     n, d, m = W_enc.shape
-    sums = _latent_sums(pattern, values)  # W_enc[e] @ sums[e], summed: any layout, no (N*m, d) table
-    return torch.bmm(W_enc.to(sums.dtype), sums.view(n, m, 1)).sum(0).view(d).to(W_enc.dtype)
+    sums = _latent_sums(pattern, values)
+    if not W_enc.transpose(1, 2).is_contiguous():
+        return torch.bmm(W_enc.to(sums.dtype), sums.view(n, m, 1)).sum(0).view(d).to(W_enc.dtype)
+    ids = torch.nonzero(sums).squeeze(1)
+    one_row = row_pattern(torch.zeros_like(ids), ids, 1, n * m)
+    return gather_sum(one_row, sums[ids], _latent_rows(W_enc))[0]
 
 
 def latent_major(W_enc: torch.Tensor) -> torch.Tensor:

@@ -51,18 +51,21 @@ class RowGradients:
         return table.data_ptr() == W_dec.data_ptr() and table.shape[0] == self.n_latents
 
     def add(self, name: str, ids, values) -> None:
+        """ids: (r,) ascending latents, each with a non-zero weight in the part's pattern (the
+        callers drop zero-weight entries); values: their gradient rows (r, d) or entries (r,)."""
         self.parts[name].append((ids, values))
 
     def rows(self) -> dict:
-        """name -> Rows, all over the same ids: the latents where some part has a non-zero
-        gradient entry (`core.optim.received_gradient`)."""
+        """name -> Rows, all over the same ids: the union of the parts' latents, each of which
+        had an entry of non-zero weight (so a non-zero gradient row but for exact cancellation,
+        as `core.optim.received_gradient` counts them; no scan over the rows)."""
         pieces = [ids for parts in self.parts.values() for ids, _ in parts]
         device = self.params["W_dec"].device
         ids, _ = compact(torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64, device=device),
                          self.n_latents)
         slot = torch.empty(self.n_latents, dtype=torch.int64, device=device)
         slot[ids] = torch.arange(ids.shape[0], device=device)
-        out, nonzero = {}, torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        out = {}
         for name, p in self.params.items():
             parts = self.parts.pop(name)
             if len(parts) == 1 and parts[0][0].shape == ids.shape:  # already over every id, in order
@@ -73,12 +76,8 @@ class RowGradients:
                 for part_ids, values in parts:
                     total.index_add_(0, slot[part_ids], values.to(total.dtype))
             del parts
-            out[name] = total
-            nonzero |= (total != 0) if total.ndim == 1 else (total != 0).any(1)
-        if bool(nonzero.all()):
-            return {name: Rows(ids, values) for name, values in out.items()}
-        keep = torch.nonzero(nonzero).squeeze(1)
-        return {name: Rows(ids[keep], values[keep]) for name, values in out.items()}
+            out[name] = Rows(ids, total)
+        return out
 
 
 def latent_view(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,13 @@ def compact(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return unique, position[ids]
 
 
+def nonzero_entries(p: Pattern, weights: torch.Tensor) -> tuple[Pattern, torch.Tensor]:
+    """The pattern's entries with a non-zero weight (nnz,): -> (that pattern, their weights)."""
+    keep = torch.nonzero(weights).squeeze(1)
+    return row_pattern(p.rows.index_select(0, keep), p.cols.index_select(0, keep), p.n_rows, p.n_cols), \
+        weights.index_select(0, keep)
+
+
 def compact_cols(p: Pattern) -> tuple[torch.Tensor, Pattern]:
     """The pattern over the columns it uses: -> (those columns (r,) ascending, the pattern with
     cols renumbered 0..r-1 in that order)."""
