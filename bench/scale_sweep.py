@@ -48,7 +48,7 @@ def measure_size(log2_m: int, optimizer: str, device: str, dtype: str, threads: 
     M = 2**log2_m
     cfg = SwitchSAEConfig(d_in=d, n_latents=M, n_experts=M // m, k=k, auxk_coef=1 / 32, dtype=dtype)
     tc = TrainConfig(batch_size=batch, optimizer=optimizer)
-    params = {n: be.asarray(p, dtype) for n, p in init_params(cfg, 0).items()}
+    params = be.training_layout({n: be.asarray(p, dtype) for n, p in init_params(cfg, 0).items()})  # as the Trainer
     state = adam_init(params, be.xp)
     rng = np.random.default_rng(1)
     x = be.asarray(rng.normal(size=(batch, d)), dtype)
@@ -92,7 +92,7 @@ def auxk_check(device: str, dtype: str, threads: int | None, repeats: int = 5) -
     dead = be.asarray(rng.random(cfg.n_latents) < DEAD_FRACTION)
     result = {}
     for optimizer in ("adam", "lazy_adam"):
-        params = {n: be.asarray(p, dtype) for n, p in init_params(cfg, 0).items()}
+        params = be.training_layout({n: be.asarray(p, dtype) for n, p in init_params(cfg, 0).items()})  # as the Trainer
         box = [params, adam_init(params, be.xp)]
         times = {"no_mask": [], "dead_10pct": []}
         for i in range(2 * (repeats + 1)):
