@@ -115,6 +115,15 @@ CRASHES = [
 ]
 
 
+def same_threads() -> dict:
+    """The environment that gives a child process this process's torch thread count: bit-exact
+    resume is claimed on one configuration, and a sum split over another number of threads
+    rounds differently (another test may have set this process to one thread)."""
+    import torch
+
+    return {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 @pytest.fixture(scope="module")
 def killed_runs(tmp_path_factory):
     """Every crash of CRASHES, run as concurrent processes killed at their point."""
@@ -126,7 +135,8 @@ def killed_runs(tmp_path_factory):
         procs[backend, point] = out, subprocess.Popen(
             [sys.executable, "-c", _TRAIN, str(out), backend, json.dumps(CFG.to_dict()),
              json.dumps(TC.to_dict()), str(tmp / "data.npy")],
-            env={**os.environ, CRASH_ENV: point}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            env={**os.environ, CRASH_ENV: point, **same_threads()}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
     done = {}
     for key, (out, proc) in procs.items():
         _, err = proc.communicate(timeout=300)
