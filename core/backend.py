@@ -143,7 +143,9 @@ class Backend:
         return (acts if keep_acts else None), values, indices, aux_values, aux_indices
 
     def decode(self, values, indices, W_dec_flat):
-        """values, indices: (batch, k); W_dec_flat: (N*m, d) -> (batch, d)."""
+        """values (batch, k) >= 0, indices (batch, k); W_dec_flat: (N*m, d) -> (batch, d).  An entry
+        of value 0 decodes to nothing, and a backend may give it gradient 0 and skip it (the spec's
+        values are ReLU outputs, whose zeros pass no gradient on; AuxK pads its rows with them)."""
         return decode_reference(values, indices, W_dec_flat, self.xp)
 
     def scatter_add(self, target, indices, values):

@@ -11,34 +11,39 @@ from __future__ import annotations
 import torch
 
 from .dispatch import sort_rows, unsort_rows
-from .sparse import compact_cols, fixed_pattern, gather_sum, nonzero_entries, sampled_dot, scatter_outer
+from .sparse import Pattern, compact_cols, fixed_pattern, gather_sum, nonzero_entries, sampled_dot, scatter_outer
 
 
 class SparseDecode(torch.autograd.Function):
-    """(values (T, k), indices (T, k) int, table (M, d), sink) -> (T, d).  sink: a
-    `lazy.RowGradients` that takes the table's gradient at the rows used, or None."""
+    """(values (T, k) >= 0, indices (T, k) int, table (M, d), sink) -> (T, d).  Entries of value
+    0 are left out (`core.Backend.decode`: they decode to nothing and get gradient 0), so AuxK's
+    padding costs no gathers.  sink: a `lazy.RowGradients` that takes the table's gradient at the
+    rows used, or None."""
 
     @staticmethod
     def forward(ctx, values, indices, table, sink=None):
         order = torch.argsort(indices[:, 0]) if indices.shape[1] else None
         values, indices = sort_rows(values, order), sort_rows(indices, order)
-        ctx.save_for_backward(values, indices, table, order)
-        ctx.sink = sink
-        return unsort_rows(gather_sum(fixed_pattern(indices, table.shape[0]), values.reshape(-1), table), order)
+        pattern, weights, keep = nonzero_entries(fixed_pattern(indices, table.shape[0]), values.reshape(-1))
+        ctx.save_for_backward(pattern.rows, pattern.cols, pattern.row_ptr, weights, keep, table, order)
+        ctx.shape, ctx.sink = values.shape, sink
+        return unsort_rows(gather_sum(pattern, weights, table), order)
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, table, order = ctx.saved_tensors
+        rows, cols, row_ptr, weights, keep, table, order = ctx.saved_tensors
+        pattern = Pattern(rows, cols, row_ptr, table.shape[0])
         grad_out = sort_rows(grad_out, order).contiguous()
-        pattern = fixed_pattern(indices, table.shape[0])
         grad_values = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_values = unsort_rows(sampled_dot(pattern, grad_out, table).view(values.shape), order)
+            dots = sampled_dot(pattern, grad_out, table)
+            if keep is not None:
+                dots = dots.new_zeros(ctx.shape.numel()).index_copy_(0, keep, dots)
+            grad_values = unsort_rows(dots.view(ctx.shape), order)
         if ctx.needs_input_grad[2]:
-            grad_table = scatter_outer(pattern, values.reshape(-1), grad_out)
+            grad_table = scatter_outer(pattern, weights, grad_out)
         if ctx.sink is not None:  # lazy Adam: (rows used, d), no (M, d) table
-            used, weights = nonzero_entries(pattern, values.reshape(-1))
-            ids, local = compact_cols(used)
+            ids, local = compact_cols(pattern)
             ctx.sink.add("W_dec", ids, scatter_outer(local, weights, grad_out))
         return grad_values, None, grad_table, None
 

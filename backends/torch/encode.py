@@ -89,8 +89,8 @@ class ExpertEncodeTopK(torch.autograd.Function):
                                else sort_rows(g, perm) for g, w in parts], 1)
         kept_grad = grad_kept * (values_sorted > 0)  # through relu: zero where acts == 0
         if grad_acts is None:  # only the kept values carry gradient: k (+ j) entries per row
-            pattern = fixed_pattern(expert_sorted[:, None] * m + indices_sorted, n * m)
-            values = kept_grad.reshape(-1)
+            pattern, values, _ = nonzero_entries(fixed_pattern(expert_sorted[:, None] * m + indices_sorted, n * m),
+                                                 kept_grad.reshape(-1))  # AuxK's padding: no work
         else:  # acts is used too: add the kept values' share to its dense gradient
             grad_pre = sort_rows(grad_acts * (acts > 0), perm)
             grad_pre.scatter_add_(1, indices_sorted, kept_grad)
@@ -163,11 +163,10 @@ def _sparse_backward(pattern: Pattern, values, x_rows, W_enc, need_x, need_W, ne
 
 
 def _collect_rows(sink, pattern: Pattern, values, x_rows, has_b: bool) -> None:
-    """Hand W_enc's gradient rows (and b_enc's entries) at the latents where `pattern` has a
-    non-zero value to the lazy-Adam collector `sink` (`lazy.RowGradients`): (r, d) and (r,), no
+    """Hand W_enc's gradient rows (and b_enc's entries) at the latents of `pattern` (its entries
+    have non-zero values) to the lazy-Adam collector `sink` (`lazy.RowGradients`): (r, d) and (r,), no
     (N*m, d) table."""
-    used, values = nonzero_entries(pattern, values)
-    ids, local = compact_cols(used)
+    ids, local = compact_cols(pattern)
     sink.add("W_enc", ids, scatter_outer(local, values, x_rows))
     if has_b:
         sink.add("b_enc", ids, _latent_sums(local, values))

@@ -63,11 +63,14 @@ def compact(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return unique, position[ids]
 
 
-def nonzero_entries(p: Pattern, weights: torch.Tensor) -> tuple[Pattern, torch.Tensor]:
-    """The pattern's entries with a non-zero weight (nnz,): -> (that pattern, their weights)."""
+def nonzero_entries(p: Pattern, weights: torch.Tensor):
+    """The pattern's entries with a non-zero weight (nnz,): -> (that pattern, their weights, their
+    positions among p's entries, or None when every weight is non-zero and p is returned)."""
     keep = torch.nonzero(weights).squeeze(1)
+    if keep.shape[0] == weights.shape[0]:
+        return p, weights, None
     return row_pattern(p.rows.index_select(0, keep), p.cols.index_select(0, keep), p.n_rows, p.n_cols), \
-        weights.index_select(0, keep)
+        weights.index_select(0, keep), keep
 
 
 def compact_cols(p: Pattern) -> tuple[torch.Tensor, Pattern]:
