@@ -4,19 +4,24 @@ fused with ReLU and TopK under a sparse custom VJP, and a sparse decode."""
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from switchsae.core.backend import Backend
 from switchsae.backends.host_memory import keep_freed_cpu_memory
-from switchsae.core.spec import forward
+from switchsae.core.optim import LATENT_ROW_PARAMS
+from switchsae.core.spec import forward, uses_auxk
 
 from . import compile as _compile
+from . import lazy
 from .decode import decode as sparse_decode
+from .decode import decode_rows
 from .dispatch import choose_mode
 from .encode import encode_topk as fused_encode_topk
-from .encode import grouped_encode
+from .encode import encode_topk_rows, grouped_encode
 
 
 class JaxBackend(Backend):
@@ -42,6 +47,8 @@ class JaxBackend(Backend):
         if jax.default_backend() == "cpu":
             keep_freed_cpu_memory()  # XLA's CPU temporaries come from malloc: no page faults
         self._loss_and_grads = jax.jit(self._value_and_grad, static_argnums=(2,))
+        self._trace = None  # the `lazy.StepTrace` while compile_step traces a step
+        self._rows = None  # the `_RowSinks` while loss_and_row_grads traces the forward pass
 
     # -- arrays ---------------------------------------------------------------------------
     def asarray(self, a, dtype=None):
@@ -70,15 +77,21 @@ class JaxBackend(Backend):
     def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
         """Encode, ReLU and TopK fused, with a backward over the (batch, k) kept entries
         (`encode.encode_topk`)."""
+        if self._rows is not None and self._rows.owns_encoder(W_enc, keep_acts):
+            return (None, *self._rows.encode(x, b_pre, W_enc, b_enc, expert, k, self.dispatch_mode))
         return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode)
 
     def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
         """`encode_topk` and AuxK's dead-latent TopK chosen in the same pass (per tile on CPU),
         with one sparse backward over the k + aux_k kept entries (`encode.encode_topk`)."""
+        if self._rows is not None and self._rows.owns_encoder(W_enc, keep_acts):
+            return (None, *self._rows.encode(x, b_pre, W_enc, b_enc, expert, k, self.dispatch_mode, dead, aux_k))
         return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode, dead, aux_k)
 
     def decode(self, values, indices, W_dec_flat):
         """Sparse decode with a sparse backward (`decode.decode`)."""
+        if self._rows is not None and self._rows.owns_decoder(W_dec_flat):
+            return self._rows.decode(values, indices, W_dec_flat, self.dispatch_mode)
         return sparse_decode(values, indices, W_dec_flat, self.dispatch_mode)
 
     def stop_gradient(self, a):
@@ -97,10 +110,54 @@ class JaxBackend(Backend):
         (_, out), grads = jax.value_and_grad(total, has_aux=True)(params)
         return out, grads
 
+    def loss_and_row_grads(self, params, x, cfg, dead_mask=None):
+        """`loss_and_grads` with W_enc, W_dec and b_enc's gradients as `lazy.Rows` at the touched
+        latents (`lazy` module notes), when traced in `compile_step` with top-1 routing; dense
+        gradients otherwise (several experts per token run the plain `encode`), which
+        `lazy_update` takes too."""
+        trace = self._trace
+        if trace is None or cfg.experts_per_token != 1:
+            return self.loss_and_grads(params, x, cfg, dead_mask)
+        kept = cfg.routed_k + (cfg.aux_k if uses_auxk(cfg, dead_mask) else 0)
+        trace.bound = lazy.row_bound(cfg.n_latents, x.shape[0], kept)
+        used = trace.bound if trace.capacity is None else min(trace.capacity, trace.bound)
+        latent = {n: params[n] for n in LATENT_ROW_PARAMS if n in params}
+        dense = {n: p for n, p in params.items() if n not in latent}
+        sinks = {n: jnp.zeros((used, *lazy.gather_rows(n, p, jnp.zeros(1, jnp.int32)).shape[1:]), p.dtype)
+                 for n, p in latent.items()}
+
+        def total(dense_params, sink):
+            self._rows = _RowSinks(latent, sink, dense_params.get("W_dec_shared"))
+            try:
+                out = forward({**dense_params, **latent}, x, cfg, self, dead_mask)
+                ids, count = self._rows.captured()
+            finally:
+                self._rows = None
+            return out.losses["total"], (out, ids, count)
+
+        (_, (out, ids, count)), (grads, row_grads) = jax.value_and_grad(total, (0, 1), has_aux=True)(dense, sinks)
+        trace.used, trace.bound, trace.count = jnp.asarray(used), jnp.asarray(trace.bound), count
+        return out, {**grads, **{n: lazy.Rows(ids, g, count) for n, g in row_grads.items()}}
+
+    def lazy_update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """Lazy Adam reading and writing the touched rows only (`lazy.lazy_update`), or the
+        spec's (masked, dense) on dense gradients."""
+        if isinstance(grads["W_dec"], lazy.Rows):
+            return lazy.lazy_update(params, grads, opt_state, lr, max_grad_norm, betas)
+        return super().lazy_update(params, grads, opt_state, lr, max_grad_norm, betas)
+
     def compile_step(self, step_fn):
         """step_fn(params, opt_state, x, lr, dead_mask=None): the shared train step with backend
         and cfg bound.  `jax.jit` with donated params/optimiser buffers (`compile.compile_step`)."""
-        return _compile.compile_step(step_fn)
+        return _compile.compile_step(step_fn, self._step_trace)
+
+    @contextlib.contextmanager
+    def _step_trace(self, capacity):
+        self._trace = lazy.StepTrace(capacity)
+        try:
+            yield self._trace
+        finally:
+            self._trace = None
 
     def block_until_ready(self, tree):
         return jax.block_until_ready(tree)
@@ -113,3 +170,41 @@ class JaxBackend(Backend):
         """forward_fn(params, x, dead_mask=None): `core.spec.forward` with cfg and backend
         bound -> its `jax.jit` (`compile.compile_forward`)."""
         return _compile.compile_forward(forward_fn)
+
+
+class _RowSinks:
+    """While `loss_and_row_grads` traces the forward pass: the latent-row parameters (constants
+    there), the zero sinks that receive their gradients, and the touched ids the encoder found
+    (which the decodes after it use)."""
+
+    def __init__(self, latent: dict, sinks: dict, shared_decoder):
+        self.latent, self.sinks, self.shared_decoder = latent, sinks, shared_decoder
+        self.ids = self.count = None
+
+    def owns_encoder(self, W_enc, keep_acts: bool) -> bool:
+        if W_enc is not self.latent["W_enc"]:
+            return False
+        if keep_acts:
+            raise RuntimeError("lazy Adam's row gradients need the encoder without its dense acts")
+        return True
+
+    def owns_decoder(self, table) -> bool:
+        """Whether `table` is W_dec's (M, d) view (the spec passes W_dec_shared as it is)."""
+        W_dec = self.latent["W_dec"]
+        return table is not self.shared_decoder and table.shape[0] == W_dec.shape[0] * W_dec.shape[1]
+
+    def encode(self, x, b_pre, W_enc, b_enc, expert, k, mode, dead=None, aux_k=0):
+        out, self.ids, self.count = encode_topk_rows(x, b_pre, W_enc, b_enc, expert, k, mode, dead, aux_k,
+                                                      self.sinks)
+        return out
+
+    def decode(self, values, indices, table, mode):
+        if self.ids is None:
+            raise RuntimeError("lazy Adam's row gradients: the routed decode ran before the encoder")
+        return decode_rows(mode, values, indices, table, self.ids, self.sinks["W_dec"])
+
+    def captured(self):
+        """(ids, count) of the step; an error if the forward pass never ran the row encoder."""
+        if self.ids is None:
+            raise RuntimeError("lazy Adam's row gradients: the forward pass did not run the fused encoder")
+        return self.ids, self.count

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from . import dispatch as D
+from . import lazy as L
 
 _PALLAS_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
 _PALLAS_MODULE = "jax._src.lax.pallas_lowerings.gpu.ragged_dot"
@@ -172,30 +173,81 @@ def _sparse_encode_topk_bwd(k, aux_k, mode, res, cotangents):
     plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert = res
     n, d, m = W_enc.shape
     acc_dtype = jnp.promote_types(W_enc.dtype, jnp.float32)
-    grad_values = jnp.concatenate(cotangents[0::2], -1)  # main TopK's, then AuxK's
-    if plan is None:  # ragged: the (batch, k) entries at once
-        g = grad_values * (values > 0)  # through relu: zero where the kept value is 0
-        latents = expert[:, None].astype(indices.dtype) * m + indices
-        table = jnp.zeros((n * m, d), acc_dtype).at[latents.reshape(-1)].add(
-            (g[:, :, None] * x_rows[:, None, :]).reshape(-1, d).astype(acc_dtype), mode="drop")
-        rows_grad = lambda table_of_W: D.gather_sum(g, latents, table_of_W)
-    else:  # tiles: one expert's tiles at a time, its rows of the table in cache
-        g = D.to_tiles(grad_values, plan) * (values > 0)
-        latents = plan.tile_group[:, None, None] * m + indices
-        table = D.accumulate_tiles(lambda acc, _, lt, gt, xt: D.scatter_outer(acc, lt, gt, xt),
-                                   jnp.zeros((n * m, d), acc_dtype), plan, latents, g, x_rows)
-        rows_grad = lambda table_of_W: D.from_tiles(
-            D.map_tiles(lambda _, gt, lt: D.gather_sum(gt, lt, table_of_W), plan, g, latents), plan)
-    sums = jnp.zeros(n * m, acc_dtype).at[latents.reshape(-1)].add(g.reshape(-1).astype(acc_dtype), mode="drop")
+    g, latents, table, sums = _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n * m,
+                                          lambda latents: latents)
     grad_W = jnp.transpose(table.reshape(n, m, d), (0, 2, 1)).astype(W_enc.dtype)
     grad_b_pre = -jnp.einsum("nm,ndm->d", sums.reshape(n, m), W_enc.astype(acc_dtype)).astype(W_enc.dtype)
     grad_b = sums.reshape(n, m).astype(b_enc.dtype) if b_enc is not None else None
-    grad_x = rows_grad(jnp.transpose(W_enc, (0, 2, 1)).reshape(n * m, d))  # jit drops it when unused
+    table_of_W = jnp.transpose(W_enc, (0, 2, 1)).reshape(n * m, d)
+    if plan is None:
+        grad_x = D.gather_sum(g, latents, table_of_W)
+    else:
+        grad_x = D.from_tiles(D.map_tiles(lambda _, gt, lt: D.gather_sum(gt, lt, table_of_W), plan, g, latents), plan)
     grads = _like_primals((grad_x.astype(x.dtype), grad_b_pre, grad_W, grad_b), (x, b_pre, W_enc, b_enc))
-    return (*grads, None, None)
+    return (*grads, None, None)  # jit drops grad_x when x needs none
+
+
+def _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n_rows, row_of):
+    """The backward's sums over the kept entries (module notes).  cotangents: of the forward's
+    outputs (values, indices, ...); row_of: global latent ids -> rows of the sums' tables (in
+    [0, n_rows)).  -> g (the kept entries' pre-activation gradient), their global latent ids
+    (both (batch, K) or in tiles), table (n_rows, d) = sum g x_c per row, sums (n_rows,) = sum g."""
+    d = x_rows.shape[-1]
+    acc_dtype = jnp.promote_types(x_rows.dtype, jnp.float32)
+    grad_values = jnp.concatenate(cotangents[0::2], -1)  # main TopK's, then AuxK's
+    if plan is None:  # ragged: the (batch, K) entries at once
+        g = grad_values * (values > 0)  # through relu: zero where the kept value is 0
+        latents = expert[:, None].astype(indices.dtype) * m + indices
+        table = jnp.zeros((n_rows, d), acc_dtype).at[row_of(latents).reshape(-1)].add(
+            (g[:, :, None] * x_rows[:, None, :]).reshape(-1, d).astype(acc_dtype), mode="drop")
+    else:  # tiles: one expert's tiles at a time, its rows of the table in cache
+        g = D.to_tiles(grad_values, plan) * (values > 0)
+        latents = plan.tile_group[:, None, None] * m + indices
+        table = D.accumulate_tiles(lambda acc, _, rt, gt, xt: D.scatter_outer(acc, rt, gt, xt),
+                                   jnp.zeros((n_rows, d), acc_dtype), plan, row_of(latents), g, x_rows)
+    sums = jnp.zeros(n_rows, acc_dtype).at[row_of(latents).reshape(-1)].add(g.reshape(-1).astype(acc_dtype),
+                                                                            mode="drop")
+    return g, latents, table, sums
 
 
 _sparse_encode_topk.defvjp(_sparse_encode_topk_fwd, _sparse_encode_topk_bwd)
+
+
+# -- the same, with the latent-row gradients as rows (lazy Adam) ------------------------------
+def encode_topk_rows(x, b_pre, W_enc, b_enc, expert, k: int, mode: str, dead, aux_k: int, sink: dict):
+    """`encode_topk` without keep_acts, for `JaxBackend.loss_and_row_grads`: W_enc and b_enc get no
+    gradient; instead the zero arrays `sink` ("W_enc": (C, d), "b_enc": (C,) when b_enc is given)
+    receive theirs at the C latents `lazy.touched_ids` lists.  -> (values, indices[, aux_values,
+    aux_indices]) as `encode_topk`, ids (C,), count ()."""
+    return _rows_encode_topk(k, aux_k if dead is not None else 0, mode, x, b_pre, W_enc, b_enc, expert, dead,
+                             sink["W_enc"], sink.get("b_enc"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _rows_encode_topk(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead, sink_W, sink_b):
+    return _rows_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead, sink_W, sink_b)[0]
+
+
+def _rows_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead, sink_W, sink_b):
+    out, res = _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead)
+    n, _, m = W_enc.shape
+    values, indices = jnp.concatenate(out[0::2], -1), jnp.concatenate(out[1::2], -1)
+    ids, count = L.touched_ids(expert[:, None].astype(indices.dtype) * m + indices, values > 0, n * m,
+                               sink_W.shape[0])
+    return (out, ids, count), (res, ids)
+
+
+def _rows_encode_topk_bwd(k, aux_k, mode, residuals, cotangents):
+    (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert), ids = residuals
+    n, _, m = W_enc.shape
+    _, _, table, sums = _entry_sums(plan, x_rows, values, indices, expert, cotangents[0], m, ids.shape[0],
+                                    lambda latents: L.row_of(ids, latents))
+    grad_b_pre = -(sums @ L.gather_rows("W_enc", W_enc, ids).astype(sums.dtype))
+    return (None, grad_b_pre.astype(b_pre.dtype), None, None, None, None, table.astype(W_enc.dtype),
+            None if b_enc is None else sums.astype(b_enc.dtype))
+
+
+_rows_encode_topk.defvjp(_rows_encode_topk_fwd, _rows_encode_topk_bwd)
 
 
 # -- GPU lowering switch ---------------------------------------------------------------------
