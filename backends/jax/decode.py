@@ -58,7 +58,7 @@ def _tiled_grads(plan, v, i, table, grad_out, n_rows, row_of):
     """-> grad_values (batch, k); the table's gradient summed into n_rows rows by
     row_of(table rows) (batch-tiled indices -> [0, n_rows))."""
     g = D.to_tiles(grad_out, plan)
-    grad_values = D.from_tiles(D.map_tiles(lambda _, gt, it: D.sampled_dot(gt, it, table), plan, g, i), plan)
+    grad_values = D.from_tiles(D.map_tiles(lambda _, gt, it, vt: D.sampled_dot(gt, it, table, vt), plan, g, i, v), plan)
     acc_dtype = jnp.promote_types(table.dtype, jnp.float32)
     grad_table = D.accumulate_tiles(lambda acc, _, rt, vt, gt: D.scatter_outer(acc, rt, vt, gt),
                                     jnp.zeros((n_rows, table.shape[1]), acc_dtype), plan, row_of(i), v, g)

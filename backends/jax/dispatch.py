@@ -158,31 +158,52 @@ def _varying_axes(aval) -> frozenset:
 
 def scatter_outer(table, indices, weights, rows):
     """table (R, d) + sum_j weights[:, j, None] * rows at row indices[:, j], one k-column at a
-    time (each a (rows, d) update).  indices, weights: (T, k); rows: (T, d)."""
+    time (each a (rows, d) update), skipping the columns whose weights are all 0.
+    indices, weights: (T, k); rows: (T, d)."""
 
-    def column(acc, entry):
-        idx, w = entry
-        return acc.at[idx].add((w[:, None] * rows).astype(acc.dtype), mode=_GRID), None
+    def column(acc, idx, w):
+        return acc.at[idx].add((w[:, None] * rows).astype(acc.dtype), mode=_GRID)
 
-    return jax.lax.scan(column, _varying_like(table, indices, weights, rows), (indices.T, weights.T))[0]
+    return _over_columns(column, _varying_like(table, indices, weights, rows), weights, indices, weights)
 
 
 def gather_sum(weights, indices, table):
-    """sum_j weights[:, j, None] * table[indices[:, j]] -> (T, d), one k-column at a time.
-    weights, indices: (T, k); table: (R, d)."""
+    """sum_j weights[:, j, None] * table[indices[:, j]] -> (T, d), one k-column at a time,
+    skipping the columns whose weights are all 0.  weights, indices: (T, k); table: (R, d)."""
 
-    def column(acc, entry):
-        idx, w = entry
-        return acc + w[:, None].astype(acc.dtype) * table.at[idx].get(mode=_GRID), None
+    def column(acc, idx, w):
+        return acc + w[:, None].astype(acc.dtype) * table.at[idx].get(mode=_GRID)
 
     init = _varying_like(jnp.zeros((weights.shape[0], table.shape[1]), table.dtype), weights, indices, table)
-    return jax.lax.scan(column, init, (indices.T, weights.T))[0]
+    return _over_columns(column, init, weights, indices, weights)
 
 
-def sampled_dot(grad_rows, indices, table):
-    """grad_rows[t] . table[indices[t, j]] -> (T, k).  grad_rows: (T, d); indices: (T, k)."""
+def sampled_dot(grad_rows, indices, table, weights):
+    """grad_rows[t] . table[indices[t, j]] -> (T, k), 0 in the columns whose weights (T, k) are
+    all 0 (the decode's kept values: such a column is TopK's or AuxK's ReLU'd zeros, whose value
+    gradient reaches no parameter).  grad_rows: (T, d); indices: (T, k)."""
 
-    def column(_, idx):
-        return None, jnp.sum(grad_rows * table.at[idx].get(mode=_GRID), axis=-1)
+    def column(acc, idx, _, c):
+        dots = jnp.sum(grad_rows * table.at[idx].get(mode=_GRID), axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(acc, dots.astype(acc.dtype), c, 0)
 
-    return jax.lax.scan(column, None, indices.T)[1].T
+    init = _varying_like(jnp.zeros(indices.shape[::-1], jnp.promote_types(grad_rows.dtype, table.dtype)),
+                         grad_rows, indices, table)
+    return _over_columns(column, init, weights, indices, weights, with_column=True).T
+
+
+def _over_columns(fn, init, weights, *columns, with_column: bool = False):
+    """Fold fn(acc, *(column c of each of `columns` (T, k)) [, c]) -> acc over the columns c where
+    `weights` (T, k) has a non-zero entry, in order (a loop of that many steps: the rest cost
+    nothing; TopK and AuxK keep their positive values first, so past some column a tile's
+    weights are 0)."""
+    active = jnp.any(weights != 0, axis=0)
+    order = jnp.argsort(~active, stable=True).astype(jnp.int32)
+    transposed = [a.T for a in columns]
+
+    def body(j, acc):
+        c = order[j]
+        args = [jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False) for a in transposed]
+        return fn(acc, *args, c) if with_column else fn(acc, *args)
+
+    return jax.lax.fori_loop(0, jnp.sum(active, dtype=jnp.int32), body, init)

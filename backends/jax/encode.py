@@ -176,7 +176,9 @@ def _sparse_encode_topk_bwd(k, aux_k, mode, res, cotangents):
     g, latents, table, sums = _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n * m,
                                           lambda latents: latents)
     grad_W = jnp.transpose(table.reshape(n, m, d), (0, 2, 1)).astype(W_enc.dtype)
-    grad_b_pre = -jnp.einsum("nm,ndm->d", sums.reshape(n, m), W_enc.astype(acc_dtype)).astype(W_enc.dtype)
+    # per-expert products summed (contracting n and m at once would transpose W_enc first)
+    grad_b_pre = -jnp.sum(jnp.einsum("ndm,nm->nd", W_enc, sums.reshape(n, m).astype(W_enc.dtype),
+                                     preferred_element_type=acc_dtype), 0).astype(W_enc.dtype)
     grad_b = sums.reshape(n, m).astype(b_enc.dtype) if b_enc is not None else None
     table_of_W = jnp.transpose(W_enc, (0, 2, 1)).reshape(n * m, d)
     if plan is None:
