@@ -4,6 +4,7 @@ dead latents, the dead counter updated every step, the Trainer's lr and clip), e
 
     python -m switchsae.bench.jax_throughput --out bench/results/cpu-2core-jax-lazy
     python -m switchsae.bench.jax_throughput --quick    # small sizes, a smoke run
+    python -m switchsae.bench.jax_throughput --profile /tmp/trace   # top XLA ops of the N = 16 step
 
 Every measurement runs in a fresh process pinned to one CPU core (one torch thread, one XLA
 thread), JAX and torch back to back for each config so both see the same machine load; its
@@ -24,8 +25,10 @@ QUICK = {"d_in": 64, "n_latents": 1024, "k": 8, "batch": 512}
 DEAD_FRACTION = 0.1
 
 
-def measure_one(backend_name: str, n_experts: int, optimizer: str, dead: bool, sizes: dict, steps: int) -> dict:
-    """One config in this (pinned, one-thread) process -> its row."""
+def measure_one(backend_name: str, n_experts: int, optimizer: str, dead: bool, sizes: dict, steps: int,
+                profile: str | None = None) -> dict:
+    """One config in this (pinned, one-thread) process -> its row (with `profile`, a folder: the
+    JAX trace's top ops instead of timings)."""
     import numpy as np
 
     from switchsae.backends import load_backend
@@ -59,10 +62,41 @@ def measure_one(backend_name: str, n_experts: int, optimizer: str, dead: bool, s
         box[:] = [p, s, update_tokens_since_fired(box[2], out.top_indices, out.top_values, be)]
         return out.losses["total"]
 
+    if profile:  # two traced steps after the warm-up ones
+        import jax
+
+        for _ in range(2):
+            be.block_until_ready(step())
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for _ in range(2):
+                be.block_until_ready(step())
+        return {"backend": backend_name, "n_experts": n_experts, "optimizer": optimizer, "dead_mask": dead,
+                "top_ops": top_ops(profile, steps=2)}
     timing = measure(step, be, warmup=2, repeats=steps)
     return {"backend": backend_name, "n_experts": n_experts, "optimizer": optimizer, "dead_mask": dead,
             "tokens_per_s": batch / timing["median_s"], "step": timing, "peak_memory_bytes": _status_bytes("VmHWM"),
             "device": be.device_name()}
+
+
+def top_ops(folder: str, steps: int, n: int = 25) -> list:
+    """The XLA ops (HLO names; nested loops count inside their parents too) taking the most time
+    in the perfetto trace under `folder` -> [{"op", "ms_per_step", "calls_per_step"}]."""
+    import collections
+    import glob
+    import gzip
+
+    path = sorted(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:  # device work only: the Python frames ($file:line) and the executor's waits are left out
+        if e.get("ph") == "X" and not e["name"].startswith("$") and "ThunkExecutor" not in e["name"] \
+                and "np.asarray" not in e["name"]:
+            total[e["name"]] += e.get("dur", 0)
+            calls[e["name"]] += 1
+    return [{"op": name, "ms_per_step": round(us / 1e3 / steps, 1), "calls_per_step": calls[name] / steps}
+            for name, us in total.most_common(n)]
 
 
 def _child(args: list, core: int) -> dict:
@@ -111,18 +145,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default="jax,torch")
     parser.add_argument("--core", type=int, default=0, help="the CPU core every measurement is pinned to")
     parser.add_argument("--out", help="folder for results.json")
+    parser.add_argument("--profile", metavar="DIR", help="trace the JAX N = 16 step (dead mask, --optimizers' "
+                        "first) into DIR and print its top ops, instead of the benchmark")
     parser.add_argument("--one", nargs=4, metavar=("BACKEND", "N", "OPTIMIZER", "DEAD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.one:
         backend, n, optimizer, dead = args.one
-        row = measure_one(backend, int(n), optimizer, dead == "dead", sizes, args.steps)
+        row = measure_one(backend, int(n), optimizer, dead == "dead", sizes, args.steps, args.profile)
         print(json.dumps(row))
         return row
 
     from .machine import describe
 
     experts = [int(n) for n in args.experts.split(",")]
+    if args.profile:
+        row = _child(["jax", str(max(experts)), args.optimizers.split(",")[0], "dead", "--profile", args.profile,
+                      *(["--quick"] if args.quick else [])], args.core)
+        print(json.dumps(row, indent=2))
+        return row
     rows = []
     for optimizer in args.optimizers.split(","):
         for n in experts:
