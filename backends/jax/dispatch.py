@@ -179,9 +179,9 @@ def gather_sum(weights, indices, table):
 
 
 def sampled_dot(grad_rows, indices, table, weights):
-    """grad_rows[t] . table[indices[t, j]] -> (T, k), 0 in the columns whose weights (T, k) are
-    all 0 (the decode's kept values: such a column is TopK's or AuxK's ReLU'd zeros, whose value
-    gradient reaches no parameter).  grad_rows: (T, d); indices: (T, k)."""
+    """grad_rows[t] . table[indices[t, j]] -> (T, k), 0 in the columns whose weights (T, k), the
+    decode's values, are all 0 (`Backend.decode`: an entry of value 0 may get gradient 0).
+    grad_rows: (T, d); indices: (T, k)."""
 
     def column(acc, idx, _, c):
         dots = jnp.sum(grad_rows * table.at[idx].get(mode=_GRID), axis=-1)
