@@ -43,8 +43,9 @@ from switchsae.data.corpora import CORPORA
 from switchsae.files import atomic_write_bytes, atomic_write_json
 from switchsae.plots import pyplot, save_png
 
-# sized to finish within an hour on 2 shared CPU cores (README "Evaluation and the paper's claims")
-FULL = dict(width=768, k=16, experts=(4, 8, 16, 32), steps=200, batch_size=1024, max_texts=None,
+# 1M training tokens per run (at 200 steps every expert of N = 16 saw only ~13k tokens and its
+# latents died; README "Evaluation and the paper's claims"); one seed takes ~15 minutes on a core
+FULL = dict(width=768, k=16, experts=(4, 8, 16, 32), steps=1000, batch_size=1024, max_texts=None,
             fidelity_texts=32)
 QUICK = dict(width=64, k=4, experts=(4, 8), steps=25, batch_size=256, max_texts=100,
              fidelity_texts=8)

@@ -1,7 +1,8 @@
 """Small runs for choosing the library's defaults: train each given variant of a config on the
 MiniLM-L6 activations of `experiments.paper` and print one JSON line per run (held-out FVU,
 the trainer's dead fraction at the end, latents that never fired on the held-out tokens, the
-learning rate and dead-latent window in effect, seconds).
+learning rate and dead-latent window in effect, the training loop's wall time and the seconds
+of the whole run with its evaluation).
 
 Each run is a JSON object of `SwitchSAEConfig` fields, plus `TrainConfig` fields prefixed
 with `tc_` and an optional `seed`:
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         ev = evaluate(result.sae, eval_src)
         print(json.dumps({"run": spec, "fvu": round(ev.fvu, 4), "train_dead": round(result.history[-1]["dead_fraction"], 3),
                           "heldout_never_fired": round(ev.dead_fraction, 3), "lr": trainer.peak_lr,
-                          "dead_tokens": trainer.dead_tokens, "seconds": round(time.perf_counter() - t0, 1)}),
+                          "dead_tokens": trainer.dead_tokens, "train_wall_s": round(result.wall_time, 1),
+                          "seconds": round(time.perf_counter() - t0, 1)}),
               flush=True)
     return 0
 

@@ -52,9 +52,19 @@ def test_settings_derived_from_the_run_size():
     cfg = SwitchSAEConfig(d_in=384, n_latents=3072, n_experts=8, k=32)
     tc = TrainConfig(steps=1000, batch_size=2048)
     assert tc.warmup == 10 and TrainConfig(steps=50).warmup == 0 and TrainConfig.paper().warmup == 0
-    assert tc.dead_threshold(cfg) == round(0.05 * 1000 * 2048)
-    assert TrainConfig(steps=10**6, batch_size=4096).dead_threshold(cfg) == 10_000_000  # capped
-    assert TrainConfig(steps=4, batch_size=64).dead_threshold(cfg) == 64  # at least one batch
+    # counted in the tokens routed to the latent's expert (the default): 5% of the 1/N of the
+    # run's tokens an expert sees; counted over every token: 5% of the run's tokens
+    assert tc.dead_threshold(cfg) == round(0.05 * 1000 * 2048 / 8)
+    assert tc.replace(dead_count="batch").dead_threshold(cfg) == round(0.05 * 1000 * 2048)
+    assert tc.dead_threshold(cfg.replace(n_experts=1)) == round(0.05 * 1000 * 2048)
+    top2 = cfg.replace(experts_per_token=2)  # each token reaches 2 of the 8 experts
+    assert tc.dead_threshold(top2) == round(0.05 * 1000 * 2048 * 2 / 8)
+    assert TrainConfig.paper(steps=1000, batch_size=2048).dead_threshold(cfg.replace(dead_tokens=None)) == \
+        round(0.05 * 1000 * 2048)
+    assert TrainConfig(steps=10**7, batch_size=4096).dead_threshold(cfg) == 10_000_000  # capped
+    # at least one batch's worth of the tokens a latent sees
+    assert TrainConfig(steps=4, batch_size=64).dead_threshold(cfg) == 64 // 8
+    assert TrainConfig(steps=4, batch_size=64, dead_count="batch").dead_threshold(cfg) == 64
     assert tc.dead_threshold(cfg.replace(dead_tokens=777)) == 777
     assert tc.replace(dead_tokens=55).dead_threshold(cfg.replace(dead_tokens=777)) == 55
     with pytest.raises(ConfigError, match="lr_anchor"):

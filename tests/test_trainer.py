@@ -150,6 +150,20 @@ def test_auxk_uses_the_dead_latents(tmp_path):
     assert any(r["loss_auxk"] > 0 for r in history if r["dead_fraction"] > 0)
 
 
+def test_the_derived_dead_window_is_per_expert_when_counting_per_expert():
+    """Counting a latent's silence in its expert's tokens, the derived window is 5% of what one
+    expert sees in the run (1/N of the run's tokens), so latents that stop firing are found
+    and revived; a whole-run window (5% of all tokens) would be N times longer."""
+    cfg = CFG.replace(auxk_coef=1 / 32)
+    data = ArraySource(sparse_data(), 128)
+    per_expert = Trainer(cfg, tc(steps=40), data, NUMPY, progress=False)
+    assert per_expert.dead_tokens == round(0.05 * 40 * 128 / N)
+    whole_batch = Trainer(cfg, tc(steps=40, dead_count="batch"), data, NUMPY, progress=False)
+    assert whole_batch.dead_tokens == round(0.05 * 40 * 128)
+    history = per_expert.run().history
+    assert any(r["dead_fraction"] > 0 and r["loss_auxk"] > 0 for r in history)
+
+
 def test_auxk_is_skipped_exactly_while_no_latent_is_dead():
     """The trainer passes no dead mask while none is dead: the same step as with an all-False
     mask (AuxK is 0 with no gradient), without AuxK's work; a dead latent brings the mask back."""

@@ -141,8 +141,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--lr", type=finite_float, help=f"peak Adam learning rate (default {LR_ANCHOR:g} / sqrt(m / 2^14), "
                    f"m = latents per expert, at most {LR_MAX:g})")
     t.add_argument("--warmup", type=nonnegative_int, help="warm-up steps (default 1%% of --steps)")
-    t.add_argument("--dead-tokens", type=positive_int, help="tokens without firing = dead (default 5%% of the run's "
-                   "tokens, at most 10M)")
+    t.add_argument("--dead-tokens", type=positive_int, help="tokens without firing = dead, counted in the tokens "
+                   "routed to the latent's expert (default 5%% of those in the run, at most 10M)")
     t.add_argument("--optimizer", choices=("adam", "lazy_adam"),
                    help="adam (dense, default) or lazy_adam (updates only the latents that got gradient)")
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")

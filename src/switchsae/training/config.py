@@ -10,7 +10,7 @@ from switchsae.core.optim import OPTIMIZERS
 
 # Settings derived from the run's size (measured: README "Training defaults")
 WARMUP_FRACTION = 0.01     # warm-up over the first 1% of the steps
-DEAD_FRACTION = 0.05       # dead after 5% of the run's tokens without firing ...
+DEAD_FRACTION = 0.05       # dead after 5% of the tokens it could fire on in the run without firing ...
 DEAD_TOKENS_CAP = 10_000_000  # ... or 10M tokens (Gao et al.'s window), whichever is smaller
 
 
@@ -33,8 +33,9 @@ class TrainConfig:
     log_every / checkpoint_every: steps between metric lines / resumable checkpoints (the
         last step always logs and checkpoints).  keep_checkpoints: how many to keep.
     dead_tokens: tokens without firing after which a latent counts as dead (AuxK and the
-        dead fraction); `None` means the model config's `dead_tokens`, and when that is None
-        too, 5% of the run's tokens (steps * batch_size), at least one batch, at most 10M.
+        dead fraction), in the tokens `dead_count` counts; `None` means the model config's
+        `dead_tokens`, and when that is None too, 5% of the tokens a latent could fire on in
+        the run (`dead_threshold`), at least one batch's worth of them, at most 10M.
     dead_count: "expert" (default): a latent's silence counts the tokens routed to its expert,
         the only ones it can fire on; "batch" (the paper's code, Gao et al.): every token.
     normalize: scale activations by a power of two so their mean squared norm is ~d_in
@@ -119,14 +120,19 @@ class TrainConfig:
 
     def dead_threshold(self, model_cfg) -> int:
         """Tokens without firing that make a latent dead: `dead_tokens`, else the model
-        config's, else derived from the run's size (DEAD_FRACTION of its tokens, at least one
-        batch, at most DEAD_TOKENS_CAP)."""
+        config's, else derived from the run's size: DEAD_FRACTION of the tokens a latent sees
+        in the run, at least one batch's worth, at most DEAD_TOKENS_CAP.  A latent sees every
+        token with `dead_count="batch"`; with "expert", those routed to its expert: e / N of
+        them for N experts and e experts per token (a shared expert's latents see every
+        token, so for them the window is N / e times shorter in run terms)."""
         if self.dead_tokens is not None:
             return int(self.dead_tokens)
         if model_cfg.dead_tokens is not None:
             return int(model_cfg.dead_tokens)
-        run = round(DEAD_FRACTION * self.steps * self.batch_size)
-        return min(DEAD_TOKENS_CAP, max(self.batch_size, run))
+        share = model_cfg.experts_per_token / model_cfg.n_experts if self.dead_count == "expert" else 1.0
+        per_batch = max(1, round(share * self.batch_size))
+        run = round(DEAD_FRACTION * share * self.steps * self.batch_size)
+        return min(DEAD_TOKENS_CAP, max(per_batch, run))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
