@@ -146,7 +146,6 @@ def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> En
     """Route, run the chosen experts' encoders and keep the top k_routed candidates.  Without
     keep_intermediates, Encoding.x_centered and (from a backend that skips them) acts may be
     None where nothing else needs them."""
-    xp = backend.xp
     probs, experts, gates = route(params, x, cfg, backend)
     acts, values, cand_indices = encode_experts(params, x, gates, experts, cfg, backend, keep_intermediates)
     x_centered, top_values, top_indices, shared_pre, _, shared_indices = _with_shared(

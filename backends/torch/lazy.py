@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import array_api_compat.torch as torch_xp
 import torch
 from switchsae.core.constraints import DECODERS, NORM_EPS
 from switchsae.core.optim import CLIP_EPS, LATENT_ROW_PARAMS, AdamState

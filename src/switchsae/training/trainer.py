@@ -171,7 +171,6 @@ class Trainer:
         """Train to `steps`; log, checkpoint, and stop with NonFiniteError on NaN/inf."""
         from tqdm.auto import tqdm
 
-        tc = self.tc
         try:
             return self._run(tqdm)
         finally:
