@@ -148,6 +148,15 @@ class Backend:
         values are ReLU outputs, whose zeros pass no gradient on; AuxK pads its rows with them)."""
         return decode_reference(values, indices, W_dec_flat, self.xp)
 
+    def decode_aux(self, aux_values, aux_indices, expert, dead, W_dec_flat):
+        """AuxK's decode: `decode` of `encode_topk_aux`'s aux entries at the token's expert's
+        latents, so that a backend can use that they lie in its expert's dead latents.
+        aux_values, aux_indices: (batch, j) (local ids; an entry at a latent that is not dead has
+        value 0); expert: (batch,); dead: (N, m) bool; W_dec_flat: (N*m, d) -> (batch, d)."""
+        m = dead.shape[1]
+        ids = aux_indices + self.xp.astype(expert, aux_indices.dtype)[:, None] * m
+        return self.decode(aux_values, ids, W_dec_flat)
+
     def scatter_add(self, target, indices, values):
         """Return target with values[j] added at row indices[j], duplicates accumulating.
 

@@ -138,7 +138,9 @@ def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: 
         dead_local = xp.concat([xp.take(dead, experts[:, j], axis=0) for j in range(experts.shape[1])], axis=-1)
         aux_values, aux_cand = gated_topk(xp.where(dead_local, acts, xp.zeros_like(acts)), gates, cfg.aux_k,
                                           m, backend)
-    aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), table)
+        aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), table)
+    else:
+        aux_recon = backend.decode_aux(aux_values, aux_cand, experts[:, 0], dead, table)
     return Experts(values, cand, recon, acts, aux_cand, aux_recon)
 
 

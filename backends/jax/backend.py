@@ -17,6 +17,7 @@ from switchsae.core.spec import forward, uses_auxk
 
 from . import compile as _compile
 from . import lazy
+from .auxk import decode_dead
 from .decode import decode as sparse_decode
 from .decode import decode_rows
 from .dispatch import choose_mode
@@ -86,13 +87,33 @@ class JaxBackend(Backend):
         with one sparse backward over the k + aux_k kept entries (`encode.encode_topk`)."""
         if self._rows is not None and self._rows.owns_encoder(W_enc, keep_acts):
             return (None, *self._rows.encode(x, b_pre, W_enc, b_enc, expert, k, self.dispatch_mode, dead, aux_k))
-        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode, dead, aux_k)
+        return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode, dead, aux_k,
+                                 self._dead_cap(dead, keep_acts))
 
     def decode(self, values, indices, W_dec_flat):
         """Sparse decode with a sparse backward (`decode.decode`)."""
         if self._rows is not None and self._rows.owns_decoder(W_dec_flat):
             return self._rows.decode(values, indices, W_dec_flat, self.dispatch_mode)
         return sparse_decode(values, indices, W_dec_flat, self.dispatch_mode)
+
+    def decode_aux(self, aux_values, aux_indices, expert, dead, W_dec_flat):
+        """In a step compiled by `compile_step` on the tiles: dense products over each expert's
+        dead columns (`auxk.decode_dead`); elsewhere the sparse `decode`."""
+        cap = self._dead_cap(dead, keep_acts=False)
+        if cap is None:
+            return super().decode_aux(aux_values, aux_indices, expert, dead, W_dec_flat)
+        return decode_dead(aux_values, aux_indices, expert, dead, W_dec_flat, cap)
+
+    def _dead_cap(self, dead, keep_acts: bool) -> int | None:
+        """The static cap on the experts' dead counts of the step `compile_step` is tracing (which
+        records dead's shape, so the next calls read the count back), or None: AuxK keeps the
+        generic sparse path (no compiled step, no AuxK, the ragged dispatch, lazy Adam's rows,
+        or the dense acts' backward)."""
+        trace = self._trace
+        if trace is None or dead is None or keep_acts or self._rows is not None or self.dispatch_mode != "tiles":
+            return None
+        trace.dead_shape = tuple(dead.shape)
+        return trace.dead_cap
 
     def stop_gradient(self, a):
         return jax.lax.stop_gradient(a)
@@ -152,8 +173,8 @@ class JaxBackend(Backend):
         return _compile.compile_step(step_fn, self._step_trace)
 
     @contextlib.contextmanager
-    def _step_trace(self, capacity):
-        self._trace = lazy.StepTrace(capacity)
+    def _step_trace(self, capacity, dead_cap=None):
+        self._trace = lazy.StepTrace(capacity, dead_cap)
         try:
             yield self._trace
         finally:

@@ -7,9 +7,12 @@ are jit arguments, never baked-in constants."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from .auxk import dead_cap as dead_cap_of
 from .lazy import next_capacity
 
 
@@ -25,21 +28,32 @@ def compile_step(step_fn, step_trace):
     step_trace(capacity): the backend's context manager giving the `lazy.StepTrace` of one
     trace.  A step with lazy Adam's row gradients reports its touched count, which is read back
     (a sync per step): at a count over its row capacity the step, which then changed nothing,
-    runs again at the next capacity (`lazy` module notes); a dense step is not waited for."""
+    runs again at the next capacity (`lazy` module notes); a dense step is not waited for.
+    With a dead mask, once a trace has shown that the step's AuxK can use it, the experts' most
+    dead latents are read back before each step (a sync) and bucketed into a static cap
+    (`auxk.dead_cap`): AuxK then runs as dense products over the dead columns (`auxk`)."""
 
-    def traced(capacity, params, opt_state, x, lr, dead_mask):
-        with step_trace(capacity) as trace:
+    dead_shape = None  # (N, m) once a trace's AuxK could use a cap on the dead counts
+
+    def traced(capacity, dead_cap, params, opt_state, x, lr, dead_mask):
+        nonlocal dead_shape
+        with step_trace(capacity, dead_cap) as trace:
             result = step_fn(params, opt_state, x, lr, dead_mask)
+        dead_shape = trace.dead_shape or dead_shape
         return result, trace.outputs()
 
-    jitted = jax.jit(traced, static_argnums=(0,), donate_argnums=(1, 2))
+    jitted = jax.jit(traced, static_argnums=(0, 1), donate_argnums=(2, 3))
     capacity = None  # the row capacity of the next step (None: the bound)
+    dead_cap = None  # the cap on the experts' dead counts of the last step (`auxk.dead_cap`)
 
     def step(params, opt_state, x, lr, dead_mask=None):
-        nonlocal capacity
+        nonlocal capacity, dead_cap
         opt_state = _step_as_array(opt_state)
+        cap = None
+        if dead_mask is not None and dead_shape is not None:
+            cap = dead_cap = dead_cap_of(int(_max_dead(dead_mask, dead_shape)), dead_shape[1], dead_cap)
         while True:
-            result, rows = jitted(capacity, params, opt_state, x, lr, dead_mask)
+            result, rows = jitted(capacity, cap, params, opt_state, x, lr, dead_mask)
             if rows is None:
                 return result
             count, used, bound = (int(a) for a in jax.device_get(rows))
@@ -60,6 +74,13 @@ def compile_forward(forward_fn):
         return jitted(params, x, dead_mask)
 
     return forward
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _max_dead(dead_mask, shape):
+    """The most dead latents of one expert: dead_mask (total latents,) bool, the routed N * m first."""
+    n, m = shape
+    return jnp.max(jnp.sum(dead_mask[:n * m].reshape(n, m), axis=1, dtype=jnp.int32))
 
 
 def _step_as_array(opt_state):

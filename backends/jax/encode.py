@@ -25,6 +25,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from . import auxk as A
 from . import dispatch as D
 from . import lazy as L
 
@@ -43,13 +44,15 @@ def grouped_encode(x, W_enc, b_enc, group_ids, mode: str = "tiles"):
 
 
 def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, mode: str = "tiles",
-                dead=None, aux_k: int = 0):
+                dead=None, aux_k: int = 0, dead_cap: int | None = None):
     """relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) and its TopK (spec tie rule), and
     with `dead` AuxK's TopK from the same activations (scale's `Backend.encode_topk_aux`).
     x: (batch, d); b_pre: (d,); W_enc: (N, d, m); b_enc: (N, m) or None; expert: (batch,);
     dead: (N, m) bool or None -> acts (batch, m) (None without keep_acts), values (batch, k),
-    local indices (batch, k), and with dead: aux_values, aux_indices (batch, aux_k), the top
-    aux_k of acts masked to the token's expert's dead latents."""
+    local indices (batch, k), and with dead: aux_values, aux_indices (batch, j), the top
+    aux_k of acts masked to the token's expert's dead latents (j = aux_k; min(aux_k, dead_cap)
+    with dead_cap, at least every expert's dead count: on the tiles, AuxK's TopK then runs over
+    the dead columns only and its backward is dense over them, `auxk`)."""
     if keep_acts:  # acts carry gradient themselves: the dense backward
         pre = grouped_encode(x - b_pre, W_enc, b_enc, expert, mode)
         acts = jnp.maximum(pre, jnp.zeros((), pre.dtype))
@@ -57,7 +60,8 @@ def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, 
         if dead is None:
             return acts, values, indices
         return (acts, values, indices, *_dead_topk(acts, dead[expert], aux_k))
-    out = _sparse_encode_topk(k, aux_k if dead is not None else 0, mode, x, b_pre, W_enc, b_enc, expert, dead)
+    cap = dead_cap if dead is not None and mode == "tiles" else None
+    out = _sparse_encode_topk(k, aux_k if dead is not None else 0, mode, cap, x, b_pre, W_enc, b_enc, expert, dead)
     return (None, *out)
 
 
@@ -135,9 +139,9 @@ def _dense_tile_grads(plan, x_tiles, grad_tiles, W_enc, has_bias):
 
 
 # -- the fused encoder + ReLU + TopK with the sparse backward --------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _sparse_encode_topk(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead):
-    return _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _sparse_encode_topk(k, aux_k, mode, cap, x, b_pre, W_enc, b_enc, expert, dead):
+    return _sparse_encode_topk_fwd(k, aux_k, mode, cap, x, b_pre, W_enc, b_enc, expert, dead)[0]
 
 
 def _kept(acts, dead_rows, k, aux_k):
@@ -146,9 +150,10 @@ def _kept(acts, dead_rows, k, aux_k):
     return kept + _dead_topk(acts, dead_rows, aux_k) if aux_k else kept
 
 
-def _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead):
+def _sparse_encode_topk_fwd(k, aux_k, mode, cap, x, b_pre, W_enc, b_enc, expert, dead):
     x_centered = x - b_pre
     relu = lambda pre: jnp.maximum(pre, jnp.zeros((), pre.dtype))
+    aux = None  # with cap: (DeadColumns, each AuxK entry's column in them, in tiles)
     if mode == "ragged":
         acts = relu(_ragged_encode(x_centered, W_enc, b_enc, expert))
         out = _kept(acts, dead[expert] if aux_k else None, k, aux_k)
@@ -156,25 +161,34 @@ def _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead
     else:
         plan = D.plan_tiles(expert, W_enc.shape[0])
         x_rows = D.to_tiles(x_centered, plan)
+        columns = A.dead_columns(dead, cap) if cap else None
 
         def tile(group, xt):
             acts = relu(_tile_pre(W_enc, b_enc, group, xt))
-            dead_rows = jnp.broadcast_to(_expert(dead, group), acts.shape) if aux_k else None
-            return _kept(acts, dead_rows, k, aux_k)
+            if columns is None:
+                dead_rows = jnp.broadcast_to(_expert(dead, group), acts.shape) if aux_k else None
+                return _kept(acts, dead_rows, k, aux_k)
+            cols = columns.cols[group]
+            dead_acts = jnp.where(_expert(dead, group)[cols], acts.at[:, cols].get(mode=D._GRID),
+                                  jnp.zeros((), acts.dtype))
+            aux_values, at = jax.lax.top_k(dead_acts, min(aux_k, cap))
+            return (*_kept(acts, None, k, 0), aux_values, cols.at[at].get(mode=D._GRID), at)
 
         tiled = D.map_tiles(tile, plan, x_rows)
+        if columns is not None:
+            aux, tiled = (columns, tiled[4]), tiled[:4]
         out = tuple(D.from_tiles(t, plan) for t in tiled)
     # the backward's entries: the kept values and their local ids, main TopK then AuxK's
     values, indices = jnp.concatenate(tiled[0::2], -1), jnp.concatenate(tiled[1::2], -1)
-    return out, (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert)
+    return out, (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert, aux)
 
 
-def _sparse_encode_topk_bwd(k, aux_k, mode, res, cotangents):
-    plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert = res
+def _sparse_encode_topk_bwd(k, aux_k, mode, cap, res, cotangents):
+    plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert, aux = res
     n, d, m = W_enc.shape
     acc_dtype = jnp.promote_types(W_enc.dtype, jnp.float32)
     g, latents, table, sums = _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n * m,
-                                          lambda latents: latents)
+                                          lambda latents: latents, aux)
     grad_W = jnp.transpose(table.reshape(n, m, d), (0, 2, 1)).astype(W_enc.dtype)
     # per-expert products summed (contracting n and m at once would transpose W_enc first)
     grad_b_pre = -jnp.sum(jnp.einsum("ndm,nm->nd", W_enc, sums.reshape(n, m).astype(W_enc.dtype),
@@ -189,10 +203,12 @@ def _sparse_encode_topk_bwd(k, aux_k, mode, res, cotangents):
     return (*grads, None, None)  # jit drops grad_x when x needs none
 
 
-def _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n_rows, row_of):
+def _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n_rows, row_of, aux=None):
     """The backward's sums over the kept entries (module notes).  cotangents: of the forward's
     outputs (values, indices, ...); row_of: global latent ids -> rows of the sums' tables (in
-    [0, n_rows)).  -> g (the kept entries' pre-activation gradient), their global latent ids
+    [0, n_rows)); aux: None, or (DeadColumns, AuxK's columns in them (n_tiles, rows, j)), the
+    last j entries AuxK's, whose part of the table is a dense product per tile (`auxk`).
+    -> g (the kept entries' pre-activation gradient), their global latent ids
     (both (batch, K) or in tiles), table (n_rows, d) = sum g x_c per row, sums (n_rows,) = sum g."""
     d = x_rows.shape[-1]
     acc_dtype = jnp.promote_types(x_rows.dtype, jnp.float32)
@@ -205,8 +221,21 @@ def _entry_sums(plan, x_rows, values, indices, expert, cotangents, m, n_rows, ro
     else:  # tiles: one expert's tiles at a time, its rows of the table in cache
         g = D.to_tiles(grad_values, plan) * (values > 0)
         latents = plan.tile_group[:, None, None] * m + indices
-        table = D.accumulate_tiles(lambda acc, _, rt, gt, xt: D.scatter_outer(acc, rt, gt, xt),
-                                   jnp.zeros((n_rows, d), acc_dtype), plan, row_of(latents), g, x_rows)
+        table = jnp.zeros((n_rows, d), acc_dtype)
+        if aux is None:
+            table = D.accumulate_tiles(lambda acc, _, rt, gt, xt: D.scatter_outer(acc, rt, gt, xt),
+                                       table, plan, row_of(latents), g, x_rows)
+        else:
+            columns, at = aux
+            n_main = indices.shape[-1] - at.shape[-1]
+
+            def add(acc, group, rt, gt, xt, att):
+                acc = D.scatter_outer(acc, rt[:, :n_main], gt[:, :n_main], xt)
+                dense = A.dense_entries(gt[:, n_main:], att, columns.cap)  # (rows, cap)
+                rows = row_of(group * m + columns.cols[group])
+                return acc.at[rows].add(jnp.matmul(dense.T, xt, preferred_element_type=acc_dtype), mode=D._GRID)
+
+            table = D.accumulate_tiles(add, table, plan, row_of(latents), g, x_rows, at)
     sums = jnp.zeros(n_rows, acc_dtype).at[row_of(latents).reshape(-1)].add(g.reshape(-1).astype(acc_dtype),
                                                                             mode="drop")
     return g, latents, table, sums
@@ -231,7 +260,7 @@ def _rows_encode_topk(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead, sink
 
 
 def _rows_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead, sink_W, sink_b):
-    out, res = _sparse_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead)
+    out, res = _sparse_encode_topk_fwd(k, aux_k, mode, None, x, b_pre, W_enc, b_enc, expert, dead)
     n, _, m = W_enc.shape
     values, indices = jnp.concatenate(out[0::2], -1), jnp.concatenate(out[1::2], -1)
     ids, count = L.touched_ids(expert[:, None].astype(indices.dtype) * m + indices, values > 0, n * m,
@@ -240,7 +269,7 @@ def _rows_encode_topk_fwd(k, aux_k, mode, x, b_pre, W_enc, b_enc, expert, dead, 
 
 
 def _rows_encode_topk_bwd(k, aux_k, mode, residuals, cotangents):
-    (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert), ids = residuals
+    (plan, x_rows, values, indices, x, b_pre, W_enc, b_enc, expert, _), ids = residuals
     n, _, m = W_enc.shape
     _, _, table, sums = _entry_sums(plan, x_rows, values, indices, expert, cotangents[0], m, ids.shape[0],
                                     lambda latents: L.row_of(ids, latents))

@@ -36,11 +36,14 @@ class Rows(NamedTuple):
 class StepTrace:
     """What one trace of a compiled step records: `capacity` requested (None: the bound); set by
     `JaxBackend.loss_and_row_grads` when the step runs lazy Adam: `used` () the C it used,
-    `bound` () its bound, `count` () the touched count (arrays of the trace)."""
+    `bound` () its bound, `count` () the touched count (arrays of the trace).  `dead_cap`: the
+    static cap on the experts' dead counts (`auxk`; None: unknown); `dead_shape`: (N, m), set when
+    the step's AuxK could use one."""
 
-    def __init__(self, capacity: int | None):
-        self.capacity = capacity
+    def __init__(self, capacity: int | None, dead_cap: int | None = None):
+        self.capacity, self.dead_cap = capacity, dead_cap
         self.used = self.bound = self.count = None
+        self.dead_shape = None
 
     def outputs(self):
         """(count, used, bound), or None for a step without row gradients."""
