@@ -120,7 +120,11 @@ class JaxBackend(Backend):
 
     # -- training -------------------------------------------------------------------------
     def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        """Jit-compiled (per cfg) `jax.value_and_grad` of the spec's total loss."""
+        """Jit-compiled (per cfg) `jax.value_and_grad` of the spec's total loss (inlined into the
+        step `compile_step` traces, whose trace state, e.g. AuxK's dead cap, a cached inner jit
+        would not see)."""
+        if self._trace is not None:
+            return self._value_and_grad(params, x, cfg, dead_mask)
         return self._loss_and_grads(params, x, cfg, dead_mask)
 
     def _value_and_grad(self, params, x, cfg, dead_mask):
