@@ -103,11 +103,15 @@ def _decode_dead_bwd(cap, res, grad_out):
 
     grad_values = D.from_tiles(D.map_tiles(value_grads, plan, g, i), plan)
 
-    def rows(acc, group, dt, gt):
-        grad_rows = jnp.matmul(dt.T, gt, preferred_element_type=acc_dtype)  # (cap, d)
-        return acc.at[group * m + columns.cols[group]].add(grad_rows, mode=D._GRID)
+    def rows(acc, group, dt, gt):  # acc: (N, cap, d), each expert's dead rows
+        return acc.at[group].add(jnp.matmul(dt.T, gt, preferred_element_type=acc_dtype), mode=D._GRID)
 
-    grad_table = D.accumulate_tiles(rows, jnp.zeros(table.shape, acc_dtype), plan, dense, g)
+    grad_rows = D.accumulate_tiles(rows, jnp.zeros((n, cap, table.shape[1]), acc_dtype), plan, dense, g)
+    # one scatter after the loop (the padding columns' rows are 0): XLA folds it into the sum with
+    # the main decode's gradient table, so AuxK adds no (N * m, d) table of its own
+    dead_rows = (jnp.arange(n, dtype=jnp.int32)[:, None] * m + columns.cols).reshape(-1)
+    grad_table = jnp.zeros(table.shape, acc_dtype).at[dead_rows].add(grad_rows.reshape(n * cap, -1),
+                                                                      mode=D._GRID)
     # entries at latents that are not dead have value 0 (the contract): gradient 0 is allowed
     grad_values = jnp.where(values != 0, grad_values, jnp.zeros((), grad_values.dtype))
     return (D.cotangent_like(grad_values.astype(values.dtype), values), None, None, None,
