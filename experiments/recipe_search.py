@@ -19,39 +19,52 @@ import time
 from .paper import experiment_parser
 
 
-def main(argv=None) -> int:
-    p = experiment_parser("recipe_search", __doc__)
+def add_run_args(p, backend: bool = True) -> None:
+    """The options of a recipe run (`train_and_measure`): runs, budget, data (and backend)."""
     p.add_argument("runs", nargs="+", help="JSON objects: config fields, tc_<TrainConfig field>, seed")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--corpus", help="a corpus of switchsae.data.corpora (default: the embedded docs)")
     p.add_argument("--max-texts", type=int, help="the corpus's first texts only")
     p.add_argument("--layer", type=int, default=3)
-    p.add_argument("--backend", default="torch")
-    args = p.parse_args(argv)
-    from switchsae import SwitchSAEConfig, TrainConfig, Trainer, get_backend
+    if backend:
+        p.add_argument("--backend", default="torch")
+
+
+def train_and_measure(fields: dict, args, backend, trainer_cls=None) -> dict:
+    """Train one run (`fields`: config fields, tc_<TrainConfig field>, seed; consumed) with
+    `trainer_cls` (default `Trainer`) on `backend` -> its measurements on the held-out data."""
+    from switchsae import SwitchSAEConfig, TrainConfig, Trainer
     from switchsae.training import evaluate
 
     from .paper import load_data
 
+    fields = dict(fields)
+    seed = fields.pop("seed", 0)
+    train_fields = {key[3:]: fields.pop(key) for key in list(fields) if key.startswith("tc_")}
+    train_src, eval_src, _ = load_data(args.layer, args.batch_size, seed, args.max_texts, False, args.corpus)
+    cfg = SwitchSAEConfig(d_in=train_src.d_in, **fields)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=seed,
+                     log_every=max(1, args.steps // 4), **train_fields)
+    t0 = time.perf_counter()
+    trainer = (trainer_cls or Trainer)(cfg, tc, train_src, backend, progress=False)
+    result = trainer.run()
+    ev = evaluate(result.sae, eval_src)
+    return {"fvu": round(ev.fvu, 4), "train_dead": round(result.history[-1]["dead_fraction"], 3),
+            "heldout_never_fired": round(ev.dead_fraction, 3), "lr": trainer.peak_lr,
+            "dead_tokens": trainer.dead_tokens, "train_wall_s": round(result.wall_time, 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    p = experiment_parser("recipe_search", __doc__)
+    add_run_args(p)
+    args = p.parse_args(argv)
+    from switchsae import get_backend
+
     backend = get_backend(args.backend)
     for spec in args.runs:
-        fields = json.loads(spec)
-        seed = fields.pop("seed", 0)
-        train_fields = {key[3:]: fields.pop(key) for key in list(fields) if key.startswith("tc_")}
-        train_src, eval_src, _ = load_data(args.layer, args.batch_size, seed, args.max_texts, False, args.corpus)
-        cfg = SwitchSAEConfig(d_in=train_src.d_in, **fields)
-        tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=seed,
-                         log_every=max(1, args.steps // 4), **train_fields)
-        t0 = time.perf_counter()
-        trainer = Trainer(cfg, tc, train_src, backend, progress=False)
-        result = trainer.run()
-        ev = evaluate(result.sae, eval_src)
-        print(json.dumps({"run": spec, "fvu": round(ev.fvu, 4), "train_dead": round(result.history[-1]["dead_fraction"], 3),
-                          "heldout_never_fired": round(ev.dead_fraction, 3), "lr": trainer.peak_lr,
-                          "dead_tokens": trainer.dead_tokens, "train_wall_s": round(result.wall_time, 1),
-                          "seconds": round(time.perf_counter() - t0, 1)}),
-              flush=True)
+        print(json.dumps({"run": spec, **train_and_measure(json.loads(spec), args, backend)}), flush=True)
     return 0
 
 
