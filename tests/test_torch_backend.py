@@ -28,6 +28,7 @@ from switchsae.backends.torch import dispatch, lazy, optim, sparse
 from switchsae.backends.torch import topk as torch_topk
 from switchsae.backends.torch.decode import SparseDecode
 from switchsae.backends.torch.device import DeviceError, select_device
+from switchsae.backends.torch import encode as torch_encode
 from switchsae.backends.torch.encode import ExpertEncode, encode_topk, latent_major
 from switchsae.conformance import harness as H
 from switchsae.conformance.cases import build
@@ -218,11 +219,22 @@ def test_expert_encode_topk_gradcheck_and_definition(n):
     assert torch.autograd.gradcheck(lambda b_pre, W: both(x.detach(), b_pre, W, None), (b_pre, W))
 
 
-def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck():
+def _auxk_as_runs(monkeypatch, on: bool):
+    """Have AuxK take its dense per-expert form (`encode.dead_topk`) at test sizes (every row
+    count and density pays), or never."""
+    monkeypatch.setattr(sparse, "RUN_MIN_ROWS", 1 if on else 10**9)
+    monkeypatch.setattr(torch_encode, "RUN_MIN_DENSITY", 0.0)
+
+
+@pytest.mark.parametrize("runs", [False, True], ids=["gathers", "dense_runs"])
+def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck(runs, monkeypatch):
     """encode_topk_aux chooses AuxK's dead latents inside the fused encode: its positive values
     and their ids equal the standard-ops hook's (top aux_k of acts masked to dead latents), the
-    rest is 0, its width is the most positive dead acts of a row (capped at aux_k), and the
-    gradients of main and AuxK values together pass gradcheck (one sparse backward)."""
+    rest is 0, and the gradients of main and AuxK values together pass gradcheck (one sparse
+    backward).  Gathers: the positive ones first, descending, width the most positive dead acts
+    of a row (capped at aux_k).  Dense runs (when every dead latent may be kept): each row lists
+    its expert's dead latents, ascending, width the most dead latents of an expert."""
+    _auxk_as_runs(monkeypatch, runs)
     g = torch.Generator().manual_seed(11)
     T, d, n, m, k = 12, 5, 3, 8, 2
     x = torch.randn(T, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -239,17 +251,70 @@ def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck():
         for i in (1, 2):
             assert torch.equal(got[i], want[i])
         positive = (want[3] > 0).sum(1)
-        assert got[3].shape == (T, max(1, min(aux_k, int(positive.max()))))
+        as_runs = runs and aux_k >= int(dead.sum(1).max())
+        width = int(dead.sum(1).max()) if as_runs else max(1, min(aux_k, int(positive.max())))
+        assert got[3].shape == (T, width)
         for t in range(T):
             p = int(positive[t])
-            assert torch.equal(got[3][t, :p], want[3][t, :p]) and torch.equal(got[4][t, :p], want[4][t, :p])
-            assert not got[3][t, p:].any()
+            kept = got[3][t] > 0
+            assert int(kept.sum()) == p and not got[3][t, ~kept].any()
+            if as_runs:  # the expert's dead latents in ascending order, then padding
+                assert torch.equal(got[4][t, :int(dead[expert[t]].sum())], torch.nonzero(dead[expert[t]])[:, 0])
+                order = torch.argsort(got[3][t][kept], descending=True, stable=True)
+                assert torch.equal(got[3][t][kept][order], want[3][t, :p])
+                assert torch.equal(got[4][t][kept][order], want[4][t, :p])
+            else:
+                assert torch.equal(got[3][t, :p], want[3][t, :p]) and torch.equal(got[4][t, :p], want[4][t, :p])
 
     def both(x, b_pre, W, b):
-        return be.encode_topk_aux(x, b_pre, W, b, expert, k, dead, 3, keep_acts=False)[1:4:2]
+        return be.encode_topk_aux(x, b_pre, W, b, expert, k, dead, m, keep_acts=False)[1:4:2]
 
     assert torch.autograd.gradcheck(both, (x, b_pre, W, b))
     assert torch.autograd.gradcheck(lambda b_pre, W: both(x.detach(), b_pre, W, None), (b_pre, W))
+
+
+def test_auxk_dense_runs_equal_the_numpy_reference(monkeypatch):
+    """AuxK in its dense per-expert form (GEMMs over each expert's dead latents in the fused
+    encode's backward and in the decode) gives the NumPy reference's losses and gradients
+    (float64: only summation order differs, the harness's 1e-9)."""
+    c = build("auxk")
+    c.cfg = c.cfg.replace(k_aux=c.cfg.expert_width)  # every dead latent may be kept
+    want, want_grads = H.forward("numpy", c, "float64"), H.gradients("numpy", c, "float64")
+    _auxk_as_runs(monkeypatch, True)
+    forms = []
+    dead_topk = torch_encode.dead_topk
+
+    def spy(*args):
+        out = dead_topk(*args)
+        forms.append(out[2] is not None)
+        return out
+
+    monkeypatch.setattr(torch_encode, "dead_topk", spy)
+    got, grads = H.forward("torch", c, "float64"), H.gradients("torch", c, "float64")
+    assert forms and all(forms), "AuxK did not take its dense form"
+    for term, value in want["losses"].items():
+        H.assert_close(got["losses"][term], value, "float64", f"loss {term}", scale=abs(value) + 1e-6)
+    for name, g in want_grads.items():
+        H.assert_close(grads[name], g, "float64", f"grad {name}", scale=float(np.max(np.abs(g))))
+
+
+def test_sparse_decode_of_runs_gradcheck(monkeypatch):
+    """Rows sharing one index list (runs) decode as GEMMs: the same result as the gathers, and
+    gradcheck; a latent whose weights are 0 in every row of its runs gets no table gradient."""
+    monkeypatch.setattr(sparse, "RUN_MIN_ROWS", 2)
+    g = torch.Generator().manual_seed(5)
+    indices = torch.tensor([[1, 6, 2]] * 3 + [[0, 7, 4]] * 4 + [[3, 1, 5]] * 2)
+    values = torch.rand(9, 3, generator=g, dtype=torch.float64)
+    values[:3, 1] = 0.0  # latent 6 unused in its run
+    values[7:, 2] = 0.0  # latent 5 unused: the used columns are a prefix
+    table = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert sparse.runs_of(indices[torch.argsort(indices[:, 0])]) is not None
+    want = (values[:, :, None] * table.detach()[indices]).sum(1)
+    torch.testing.assert_close(SparseDecode.apply(values, indices, table), want, rtol=1e-12, atol=1e-12)
+    SparseDecode.apply(values, indices, table).sum().backward()
+    assert not table.grad[[5, 6]].any() and table.grad[[0, 1, 2, 3, 4, 7]].abs().sum(1).gt(0).all()
+    positive = (values + 0.5).requires_grad_(True)  # zero entries may get gradient 0 (core.Backend.decode)
+    assert torch.autograd.gradcheck(lambda v, t: SparseDecode.apply(v, indices, t), (positive, table))
 
 
 def test_sparse_decode_gradcheck():
@@ -498,14 +563,17 @@ def test_lazy_train_step_allocates_no_dictionary_sized_gradient(optimizer):
     assert rows, "the recorder missed the (touched rows, d) gradients"
 
 
-def test_lazy_fast_path_equals_core_lazy_update(monkeypatch):
+@pytest.mark.parametrize("runs", [False, True], ids=["auxk_gathers", "auxk_dense_runs"])
+def test_lazy_fast_path_equals_core_lazy_update(runs, monkeypatch):
     """Three lazy steps through the row collection and the in-place row update (in blocks of 5
     rows, so several blocks) equal core's mask-based reference (apply_lazy_update) on the same
-    torch float64 gradients, clipping active (1e-2) and not; float64: only summation order differs."""
+    torch float64 gradients, clipping active (1e-2) and not, with AuxK in either form (its dense
+    runs: every dead latent may be kept); float64: only summation order differs."""
     from switchsae.core.train_step import apply_lazy_update
 
     monkeypatch.setattr(lazy, "ROW_BLOCK", 5)
-    cfg = SwitchSAEConfig(d_in=16, n_latents=128, n_experts=4, k=4, auxk_coef=0.5, k_aux=6,
+    _auxk_as_runs(monkeypatch, runs)
+    cfg = SwitchSAEConfig(d_in=16, n_latents=128, n_experts=4, k=4, auxk_coef=0.5, k_aux=32 if runs else 6,
                           encoder_bias=True, shared_latents=8, shared_k=1)
     rng = np.random.default_rng(12)
     dead = be.asarray(rng.random(cfg.total_latents) < 0.4)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
-from .sparse import (Pattern, accumulation_dtype, compact_cols, fixed_pattern, gather_sum, nonzero_entries,
-                     row_pattern, scatter_outer)
+from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, fixed_pattern, gather_sum,
+                     nonzero_entries, row_pattern, run_columns, run_gather_sum, run_scatter_outer, run_sums, runs_pay,
+                     scatter_outer)
 from .topk import topk_lowest_index_ties
 
 
@@ -43,7 +44,7 @@ class ExpertEncode(torch.autograd.Function):
     def backward(ctx, grad_pre):
         x_centered, W_enc, expert = ctx.saved_tensors
         pattern, values = _dense_entries(grad_pre, expert, W_enc.shape[-1], W_enc.shape[0])
-        return (*_sparse_backward(pattern, values, x_centered, W_enc, *ctx.needs_input_grad[:3]), None)
+        return (*_sparse_backward(pattern, values, None, x_centered, W_enc, *ctx.needs_input_grad[:3]), None)
 
 
 class ExpertEncodeTopK(torch.autograd.Function):
@@ -59,60 +60,81 @@ class ExpertEncodeTopK(torch.autograd.Function):
         x_sorted, expert_sorted = sort_rows(x, perm) - b_pre, sort_rows(expert, perm)
         acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
         values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
-        aux_values = aux_indices = None
+        aux_values = aux_indices = aux_sorted = aux_ids_sorted = ctx.runs = None
         if dead is not None:
-            aux_sorted, aux_ids_sorted = dead_topk(acts_sorted, dead, expert_sorted, aux_k)
-            values_sorted = torch.cat([values_sorted, aux_sorted], 1)  # one k + j pattern
-            indices_sorted = torch.cat([indices_sorted, aux_ids_sorted], 1)
+            aux_sorted, aux_ids_sorted, ctx.runs = dead_topk(acts_sorted, dead, expert_sorted, aux_k, routing.ends)
             aux_values, aux_indices = unsort_rows(aux_sorted, perm), unsort_rows(aux_ids_sorted, perm)
             ctx.mark_non_differentiable(aux_indices)
         acts = unsort_rows(acts_sorted, perm) if keep_acts else None
-        indices = unsort_rows(indices_sorted[:, :k], perm)
-        ctx.k, ctx.sink, ctx.has_b = k, sink, b_enc is not None
-        ctx.save_for_backward(x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted)
+        indices = unsort_rows(indices_sorted, perm)
+        ctx.sink, ctx.has_b = sink, b_enc is not None
+        ctx.save_for_backward(x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted, aux_sorted,
+                              aux_ids_sorted)
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
-        main = acts, unsort_rows(values_sorted[:, :k], perm), indices
+        main = acts, unsort_rows(values_sorted, perm), indices
         return main if dead is None else (*main, aux_values, aux_indices)
 
     @staticmethod
     def backward(ctx, grad_acts, grad_values, _, *aux_grads):
         grad_aux = aux_grads[0] if aux_grads else None
-        x_sorted, W_enc, expert_sorted, perm, acts, values_sorted, indices_sorted = ctx.saved_tensors
+        x_sorted, W_enc, expert_sorted, perm, acts, values, indices, aux_values, aux_ids = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b = ctx.needs_input_grad[:4]
         n, _, m = W_enc.shape
-        # the value gradient of every kept entry: the k main ones, then AuxK's (duplicates add up)
-        parts = [(grad_values, ctx.k)]
-        if values_sorted.shape[1] > ctx.k:
-            parts.append((grad_aux, values_sorted.shape[1] - ctx.k))
-        grad_kept = torch.cat([values_sorted.new_zeros(values_sorted.shape[0], w) if g is None
-                               else sort_rows(g, perm) for g, w in parts], 1)
-        kept_grad = grad_kept * (values_sorted > 0)  # through relu: zero where acts == 0
+        # the value gradient of every kept entry through relu (zero where acts == 0): the k main
+        # ones, then AuxK's (duplicates add up)
+        kept_grad = _through_relu(grad_values, values, perm)
+        aux_grad = None if aux_values is None else _through_relu(grad_aux, aux_values, perm)
+        blocks = None
         if grad_acts is None:  # only the kept values carry gradient: k (+ j) entries per row
-            pattern, values, _ = nonzero_entries(fixed_pattern(expert_sorted[:, None] * m + indices_sorted, n * m),
+            if ctx.runs is not None:  # AuxK's dense runs: GEMMs
+                blocks = run_columns(ctx.runs, aux_grad)
+            elif aux_grad is not None:  # one k + j pattern
+                kept_grad, indices = torch.cat([kept_grad, aux_grad], 1), torch.cat([indices, aux_ids], 1)
+            pattern, values, _ = nonzero_entries(fixed_pattern(expert_sorted[:, None] * m + indices, n * m),
                                                  kept_grad.reshape(-1))  # AuxK's padding: no work
         else:  # acts is used too: add the kept values' share to its dense gradient
             grad_pre = sort_rows(grad_acts * (acts > 0), perm)
-            grad_pre.scatter_add_(1, indices_sorted, kept_grad)
+            grad_pre.scatter_add_(1, indices, kept_grad)
+            if aux_grad is not None:
+                grad_pre.scatter_add_(1, aux_ids, aux_grad)
             pattern, values = _dense_entries(grad_pre, expert_sorted, m, n)
-        grad_x, grad_W, grad_b = _sparse_backward(pattern, values, x_sorted, W_enc, need_x, need_W, need_b)
+        grad_x, grad_W, grad_b = _sparse_backward(pattern, values, blocks, x_sorted, W_enc, need_x, need_W, need_b)
         if ctx.sink is not None:  # lazy Adam: W_enc's (and b_enc's) gradient at the touched latents only
-            _collect_rows(ctx.sink, pattern, values, x_sorted, ctx.has_b)
+            _collect_rows(ctx.sink, pattern, values, blocks, x_sorted, ctx.has_b)
         grad_b_pre = None
         if need_b_pre:  # d/d b_pre = -sum_t d/d x_t: one product with per-latent sums, not T
-            grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, W_enc)
+            grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, blocks, W_enc)
         return ((unsort_rows(grad_x, perm) if need_x else None), grad_b_pre, grad_W, grad_b,
                 None, None, None, None, None, None)
 
 
-def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int):
+def _through_relu(grad, kept_sorted, perm):
+    """The gradient (T, j) of kept values (None: zero) in expert order, zero where the kept value
+    is 0 (relu's zeros and AuxK's padding)."""
+    if grad is None:
+        return torch.zeros_like(kept_sorted)
+    return sort_rows(grad, perm) * (kept_sorted > 0)
+
+
+RUN_MIN_DENSITY = 0.25  # AuxK as dense per-expert blocks when at least this share of them is positive
+
+
+def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int, ends):
     """AuxK's selection: the top aux_k of each row's acts at its expert's dead latents.
-    acts_sorted: (T, m) >= 0; dead: (N, m) bool; expert_sorted: (T,) -> values, local ids (T, j),
-    descending (equal values: lower id first), j = the most positive dead acts of any row (at
-    least 1, at most aux_k).  Only the dead columns are read (each expert's dead ids, padded to
-    the most any expert has), and the entries that are not positive dead acts are ranked below
-    all others in index order, so the selection has no ties to resolve among them; they come back
-    with value 0 (inert: any index, no gradient)."""
+    acts_sorted: (T, m) >= 0, rows in expert order; dead: (N, m) bool; expert_sorted: (T,);
+    ends: (N,) the end of each expert's rows -> values, local ids (T, j) and their `Runs` or None.
+    Only the dead columns are read (each expert's dead ids ascending, padded to the most any
+    expert has, `width`).  Two forms, both exact (entries of value 0 are inert: any index, no
+    gradient):
+      * when every row may keep all its dead latents (width <= aux_k), there are enough rows per
+        expert (`sparse.runs_pay`) and at least `RUN_MIN_DENSITY` of the entries
+        are positive: no selection at all, j = width, row t lists all its expert's dead ids
+        (acts there, 0 at padding), so each expert's rows are one dense block (`Runs` over the
+        global latents, in ascending order) whose products are GEMMs;
+      * otherwise the positive dead acts, descending (equal values: lower id first), j = the most
+        positive dead acts of any row (at least 1, at most aux_k), the rest ranked below all
+        others in index order (no ties to resolve among them) with value 0."""
     n, m = dead.shape
     per_expert = dead.sum(1)
     width = max(int(per_expert.max()), 1)
@@ -121,13 +143,21 @@ def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int):
     ids = dead_ids[expert_sorted]
     cand = torch.gather(acts_sorted, 1, ids)
     live = valid[expert_sorted] & (cand > 0)
+    n_rows = acts_sorted.shape[0]
+    stops = ends.tolist()
+    starts = [0, *stops[:-1]]
+    runs = [(e, a, b) for e, (a, b) in enumerate(zip(starts, stops)) if b > a]
+    if (width <= aux_k and runs_pay(len(runs), n_rows)
+            and int(live.sum()) >= RUN_MIN_DENSITY * n_rows * width):
+        return cand.mul_(live), ids, Runs([a for _, a, _ in runs] + [n_rows],
+                                          [dead_ids[e] + e * m for e, _, _ in runs])
     # not positive dead: below every live entry, lower positions ranked higher (no ties)
     filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
     cand = torch.where(live, cand, filler)
-    most = int(live.sum(1).max()) if live.shape[0] else 0  # a process may hold no rows
+    most = int(live.sum(1).max()) if n_rows else 0  # a process may hold no rows
     j = max(min(most, aux_k), 1)
     values, pos = topk_lowest_index_ties(cand, j)
-    return values.clamp_(min=0), torch.gather(ids, 1, pos)
+    return values.clamp_(min=0), torch.gather(ids, 1, pos), None
 
 
 def _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, ends):
@@ -146,30 +176,40 @@ def _dense_entries(grad_pre: torch.Tensor, expert: torch.Tensor, m: int, n_exper
     return row_pattern(rows, expert[rows] * m + local, grad_pre.shape[0], n_experts * m), values
 
 
-def _sparse_backward(pattern: Pattern, values, x_rows, W_enc, need_x, need_W, need_b):
+def _sparse_backward(pattern: Pattern, values, blocks: RunColumns | None, x_rows, W_enc, need_x, need_W, need_b):
     """Gradients of x_rows (T, d), W_enc (N, d, m) and b_enc from the pre-activation gradient's
-    entries `values` at `pattern` (rows of x_rows, global latents).  None where not needed."""
+    entries `values` at `pattern` (rows of x_rows, global latents) and, when not None, the dense
+    blocks `blocks` (`sparse.run_columns` over the global latents).  None where not needed."""
     n, d, m = W_enc.shape
     grad_x = grad_W = grad_b = None
     if need_x:
         grad_x = gather_sum(pattern, values, _latent_rows(W_enc))
+        if blocks is not None:
+            grad_x += run_gather_sum(blocks, grad_x.shape[0], _latent_rows(W_enc))
     if need_W:
-        grad_W = scatter_outer(pattern, values, x_rows).view(n, m, d).transpose(1, 2)
+        rows = scatter_outer(pattern, values, x_rows)
+        if blocks is not None:
+            rows.index_add_(0, blocks.ids, run_scatter_outer(blocks, x_rows))
+        grad_W = rows.view(n, m, d).transpose(1, 2)
         if grad_W.stride() != W_enc.stride():  # give the gradient its parameter's layout
             grad_W = torch.empty_like(W_enc).copy_(grad_W)
     if need_b:
-        grad_b = _latent_sums(pattern, values).view(n, m).to(values.dtype)
+        grad_b = _latent_sums(pattern, values, blocks).view(n, m).to(values.dtype)
     return grad_x, grad_W, grad_b
 
 
-def _collect_rows(sink, pattern: Pattern, values, x_rows, has_b: bool) -> None:
+def _collect_rows(sink, pattern: Pattern, values, blocks: RunColumns | None, x_rows, has_b: bool) -> None:
     """Hand W_enc's gradient rows (and b_enc's entries) at the latents of `pattern` (its entries
-    have non-zero values) to the lazy-Adam collector `sink` (`lazy.RowGradients`): (r, d) and (r,), no
-    (N*m, d) table."""
+    have non-zero values) and of `blocks` to the lazy-Adam collector `sink` (`lazy.RowGradients`):
+    (r, d) and (r,), no (N*m, d) table."""
     ids, local = compact_cols(pattern)
     sink.add("W_enc", ids, scatter_outer(local, values, x_rows))
     if has_b:
         sink.add("b_enc", ids, _latent_sums(local, values))
+    if blocks is not None:  # ascending latents: runs in expert order, each run's ids ascending
+        sink.add("W_enc", blocks.ids, run_scatter_outer(blocks, x_rows))
+        if has_b:
+            sink.add("b_enc", blocks.ids, run_sums(blocks))
 
 
 def _latent_rows(W_enc):
@@ -178,18 +218,21 @@ def _latent_rows(W_enc):
     return W_enc.transpose(1, 2).reshape(n * m, d)
 
 
-def _latent_sums(pattern: Pattern, values):
-    """(N*m,) sum of the entries at each latent, in the accumulation dtype."""
+def _latent_sums(pattern: Pattern, values, blocks: RunColumns | None = None):
+    """(N*m,) sum of the entries at each latent (and of `blocks`' columns), in the accumulation dtype."""
     acc = values.new_zeros(pattern.n_cols, dtype=accumulation_dtype(values.dtype))
-    return acc.index_add_(0, pattern.cols, values.to(acc.dtype))
+    acc.index_add_(0, pattern.cols, values.to(acc.dtype))
+    if blocks is not None:
+        acc.index_add_(0, blocks.ids, run_sums(blocks))
+    return acc
 
 
-def _latent_sum_product(pattern: Pattern, values, W_enc):
-    """sum over all entries of values[j] * W_enc[:, cols[j]]: (d,) = sum_t of gather_sum's rows.
-    Reads only the latents with a non-zero sum when W_enc is latent-major (its training layout),
-    else W_enc[e] @ sums[e] over every expert (any layout, no (N*m, d) copy)."""
+def _latent_sum_product(pattern: Pattern, values, blocks: RunColumns | None, W_enc):
+    """sum over all entries of values[j] * W_enc[:, cols[j]] (and the blocks'): (d,) = sum_t of
+    the rows of dx.  Reads only the latents with a non-zero sum when W_enc is latent-major (its
+    training layout), else W_enc[e] @ sums[e] over every expert (any layout, no (N*m, d) copy)."""
     n, d, m = W_enc.shape
-    sums = _latent_sums(pattern, values)
+    sums = _latent_sums(pattern, values, blocks)
     if not W_enc.transpose(1, 2).is_contiguous():
         return torch.bmm(W_enc.to(sums.dtype), sums.view(n, m, 1)).sum(0).view(d).to(W_enc.dtype)
     ids = torch.nonzero(sums).squeeze(1)

@@ -11,6 +11,15 @@ row_ptr[r]:row_ptr[r+1].  With weights w (nnz,), a table (n_cols, d) and src (n_
 scatter_outer is gather_sum over the transposed pattern (entries sorted by column): no atomics,
 so it is deterministic, and it runs embedding_bag's fast kernel on CPU.
 
+`Runs` are the dense blocks of a (rows, j) index matrix: consecutive rows that share one list
+of j columns (AuxK's rows when they list every dead latent of their expert).  Their products are
+GEMMs over the block, several times faster per multiply-add than one gather per entry:
+
+  run_columns(r, w) -> `used`: each run's columns with a non-zero weight and their weights
+  run_gather_sum(used, n_rows, table) -> (n_rows, d): out[rows of run] = w[rows] @ table[cols]
+  run_sampled_dot(used, src, table) -> (n_rows, j):   out[rows of run] = src[rows] @ table[cols].T
+  run_scatter_outer(used, src) -> (n_ids, d):         per run, its weights.T @ src[rows]
+
 CUDA tensors of 16/32-bit floats use the Triton kernels when triton imports; everything else uses
 embedding_bag and torch's CSR SDDMM, computing in float32 for 16-bit inputs."""
 
@@ -85,6 +94,111 @@ def counts(index: torch.Tensor, n: int) -> torch.Tensor:
     torch.compile needs no graph break)."""
     out = torch.zeros(n, dtype=torch.int64, device=index.device)
     return out.index_add_(0, index, torch.ones_like(index, dtype=torch.int64))
+
+
+class Runs(NamedTuple):
+    """Blocks of consecutive rows sharing one column list: run r holds rows
+    bounds[r]:bounds[r + 1] (host ints, ascending) and columns cols[r] (j,) int64."""
+
+    bounds: list
+    cols: list
+
+
+RUN_MIN_ROWS = 32  # fewer rows per run on average: one gather per entry does as well as a GEMM
+
+
+def runs_pay(n_runs: int, n_rows: int) -> bool:
+    """Whether n_rows rows in n_runs runs are worth GEMMs: at least RUN_MIN_ROWS rows per run on
+    average."""
+    return 0 < n_runs and n_runs * RUN_MIN_ROWS <= n_rows
+
+
+def runs_of(indices: torch.Tensor) -> Runs | None:
+    """indices: (n_rows, j) -> its Runs (maximal blocks of equal consecutive rows) when they pay
+    (`runs_pay`), else None."""
+    n_rows, j = indices.shape
+    if j == 0 or not runs_pay(1, n_rows):
+        return None
+    starts = torch.ones(n_rows, dtype=torch.bool, device=indices.device)
+    starts[1:] = (indices[1:] != indices[:-1]).any(1)
+    first = torch.nonzero(starts).squeeze(1)
+    if not runs_pay(first.shape[0], n_rows):
+        return None
+    bounds = [*first.tolist(), n_rows]
+    return Runs(bounds, [indices[b].to(torch.int64) for b in bounds[:-1]])
+
+
+class RunBlock(NamedTuple):
+    """One run's columns with a non-zero weight: rows start:end, ids (u,) their columns, slots
+    their positions among the run's j slots (a slice when a prefix), weights (end - start, u)."""
+
+    start: int
+    end: int
+    ids: torch.Tensor
+    slots: object
+    weights: torch.Tensor
+
+
+class RunColumns(NamedTuple):
+    """`run_columns`: ids (n_ids,) int64, every block's ids in order; blocks: list of RunBlock;
+    width: j."""
+
+    ids: torch.Tensor
+    blocks: list
+    width: int
+
+
+def run_columns(r: Runs, weights: torch.Tensor) -> RunColumns:
+    """weights: (n_rows, j) -> RunColumns: each run's columns with a non-zero weight in some row
+    (the others decode to nothing and get no gradient).  Used columns that are a prefix of the
+    slots (AuxK's padding is at the end) are views, not copies."""
+    blocks = []
+    for start, end, cols in zip(r.bounds, r.bounds[1:], r.cols):
+        block = weights[start:end]
+        used = torch.nonzero(block.ne(0).any(0)).squeeze(1)
+        n_used = used.shape[0]
+        if n_used == 0 or int(used[-1]) == n_used - 1:
+            blocks.append(RunBlock(start, end, cols[:n_used], slice(0, n_used), block[:, :n_used]))
+        else:
+            blocks.append(RunBlock(start, end, cols.index_select(0, used), used, block.index_select(1, used)))
+    ids = torch.cat([b.ids for b in blocks]) if blocks else weights.new_zeros(0, dtype=torch.int64)
+    return RunColumns(ids, blocks, weights.shape[1])
+
+
+def run_gather_sum(used: RunColumns, n_rows: int, table: torch.Tensor) -> torch.Tensor:
+    """table (n_cols, d) -> (n_rows, d) in table's dtype: each run's rows = its used weights @
+    table[used columns] (rows outside every run: 0)."""
+    dt = accumulation_dtype(table.dtype)
+    out = table.new_zeros((n_rows, table.shape[1]), dtype=dt)
+    for b in used.blocks:
+        torch.mm(b.weights.to(dt), table.index_select(0, b.ids).to(dt), out=out[b.start:b.end])
+    return out.to(table.dtype)
+
+
+def run_sampled_dot(used: RunColumns, src: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """src: (n_rows, d); table (n_cols, d) -> (n_rows, j) in src's dtype: each row's dot product
+    with each used column of its run, in that column's slot; 0 in the other slots."""
+    dt = accumulation_dtype(src.dtype)
+    out = src.new_zeros((src.shape[0], used.width), dtype=dt)
+    for b in used.blocks:
+        out[b.start:b.end, b.slots] = src[b.start:b.end].to(dt) @ table.index_select(0, b.ids).to(dt).t()
+    return out.to(src.dtype)
+
+
+def run_scatter_outer(used: RunColumns, src: torch.Tensor) -> torch.Tensor:
+    """src: (n_rows, d) -> (n_ids, d) in src's dtype: row i = sum over its run's rows of
+    weight * src[row], for the column used.ids[i]."""
+    if not used.blocks:
+        return src.new_zeros((0, src.shape[1]))
+    dt = accumulation_dtype(src.dtype)
+    return torch.cat([b.weights.to(dt).t() @ src[b.start:b.end].to(dt) for b in used.blocks]).to(src.dtype)
+
+
+def run_sums(used: RunColumns) -> torch.Tensor:
+    """(n_ids,) the sum of each used column's weights over its run, in the accumulation dtype."""
+    if not used.blocks:
+        return used.ids.new_zeros(0, dtype=torch.float32)
+    return torch.cat([b.weights.to(accumulation_dtype(b.weights.dtype)).sum(0) for b in used.blocks])
 
 
 # -- dispatch -----------------------------------------------------------------------------
