@@ -252,7 +252,7 @@ def _triton_inputs(torch, sizes, dtype, device):
 
 def _triton_cases(torch, sparse, inp) -> dict:
     """name -> a function returning the tensors to compare (output, then gradients)."""
-    from switchsae.backends.torch.decode import SparseDecode
+    from switchsae.backends.torch.decode import decode as sparse_decode
     from switchsae.backends.torch.encode import ExpertEncodeTopK
 
     p = sparse.fixed_pattern(inp["indices"], inp["table"].shape[0])
@@ -260,7 +260,7 @@ def _triton_cases(torch, sparse, inp) -> dict:
 
     def decode():
         values, table = inp["values"].clone().requires_grad_(), inp["table"].clone().requires_grad_()
-        out = SparseDecode.apply(values, inp["indices"], table)
+        out = sparse_decode(values, inp["indices"], table)
         return (out.detach(), *torch.autograd.grad(out, (values, table), torch.ones_like(out)))
 
     def encode_topk():

@@ -132,10 +132,10 @@ class Backend:
         choose both in one pass (and keep AuxK's backward as sparse as the main one).
         dead: (N, m) bool, the routed latents that count as dead -> acts, values, indices as
         `encode_topk`; aux_values, aux_indices: (batch, j), j <= aux_k: the top aux_k of acts
-        masked to the token's expert's dead latents (local ids), descending.  Entries past a
-        row's positive masked acts have value 0: they decode to nothing and carry no gradient,
-        so a backend may give them any index and drop the columns that are 0 in every row
-        (1 <= j)."""
+        masked to the token's expert's dead latents (local ids), in any order (this reference:
+        descending).  Entries that are not a row's positive masked acts have value 0: they
+        decode to nothing and carry no gradient, so a backend may give them any index and drop
+        the columns that are 0 in every row (1 <= j)."""
         xp = self.xp
         acts, values, indices = self.encode_topk(x, b_pre, W_enc, b_enc, expert, k, True)
         dead_acts = xp.where(xp.take(dead, expert, axis=0), acts, xp.zeros_like(acts))
@@ -156,6 +156,13 @@ class Backend:
         m = dead.shape[1]
         ids = aux_indices + self.xp.astype(expert, aux_indices.dtype)[:, None] * m
         return self.decode(aux_values, ids, W_dec_flat)
+
+    def decode_with_aux(self, values, indices, aux_values, aux_indices, expert, dead, W_dec_flat):
+        """The main TopK's `decode` (values, indices: (batch, k), global ids) and AuxK's
+        `decode_aux` (its arguments) from one table: -> (recon, aux_recon), so that a backend can
+        share work between them (one table gradient)."""
+        return (self.decode(values, indices, W_dec_flat),
+                self.decode_aux(aux_values, aux_indices, expert, dead, W_dec_flat))
 
     def scatter_add(self, target, indices, values):
         """Return target with values[j] added at row indices[j], duplicates accumulating.

@@ -131,16 +131,17 @@ def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: 
         values, aux_values = kept * gates, aux_kept * gates
     else:
         acts, values, cand = encode_experts(params, x, gates, experts, cfg, backend, keep_acts or dead is not None)
-    recon = backend.decode(values, global_ids(cand, experts, m, xp), table)
+    ids = global_ids(cand, experts, m, xp)
     if dead is None:
-        return Experts(values, cand, recon, acts)
+        return Experts(values, cand, backend.decode(values, ids, table), acts)
     if experts.shape[1] > 1:
         dead_local = xp.concat([xp.take(dead, experts[:, j], axis=0) for j in range(experts.shape[1])], axis=-1)
         aux_values, aux_cand = gated_topk(xp.where(dead_local, acts, xp.zeros_like(acts)), gates, cfg.aux_k,
                                           m, backend)
+        recon = backend.decode(values, ids, table)
         aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), table)
     else:
-        aux_recon = backend.decode_aux(aux_values, aux_cand, experts[:, 0], dead, table)
+        recon, aux_recon = backend.decode_with_aux(values, ids, aux_values, aux_cand, experts[:, 0], dead, table)
     return Experts(values, cand, recon, acts, aux_cand, aux_recon)
 
 

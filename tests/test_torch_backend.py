@@ -26,7 +26,8 @@ from switchsae.backends import load_backend
 from switchsae.backends.torch import Backend as TorchBackend
 from switchsae.backends.torch import dispatch, lazy, optim, sparse
 from switchsae.backends.torch import topk as torch_topk
-from switchsae.backends.torch.decode import SparseDecode
+from switchsae.backends.torch.decode import decode as sparse_decode
+from switchsae.backends.torch.decode import decode_with_aux
 from switchsae.backends.torch.device import DeviceError, select_device
 from switchsae.backends.torch import encode as torch_encode
 from switchsae.backends.torch.encode import ExpertEncode, encode_topk, latent_major
@@ -310,11 +311,35 @@ def test_sparse_decode_of_runs_gradcheck(monkeypatch):
     table = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
     assert sparse.runs_of(indices[torch.argsort(indices[:, 0])]) is not None
     want = (values[:, :, None] * table.detach()[indices]).sum(1)
-    torch.testing.assert_close(SparseDecode.apply(values, indices, table), want, rtol=1e-12, atol=1e-12)
-    SparseDecode.apply(values, indices, table).sum().backward()
+    torch.testing.assert_close(sparse_decode(values, indices, table), want, rtol=1e-12, atol=1e-12)
+    sparse_decode(values, indices, table).sum().backward()
     assert not table.grad[[5, 6]].any() and table.grad[[0, 1, 2, 3, 4, 7]].abs().sum(1).gt(0).all()
     positive = (values + 0.5).requires_grad_(True)  # zero entries may get gradient 0 (core.Backend.decode)
-    assert torch.autograd.gradcheck(lambda v, t: SparseDecode.apply(v, indices, t), (positive, table))
+    assert torch.autograd.gradcheck(lambda v, t: sparse_decode(v, indices, t), (positive, table))
+
+
+@pytest.mark.parametrize("runs", [False, True], ids=["aux_gathers", "aux_runs"])
+def test_decode_with_aux_equals_two_decodes_with_one_table_gradient(runs, monkeypatch):
+    """decode_with_aux (the main TopK's and AuxK's entries of one table, one table gradient)
+    equals two `decode`s in outputs and every gradient (float64: summation order only), with
+    AuxK's rows as gathers or as runs, and passes gradcheck."""
+    monkeypatch.setattr(sparse, "RUN_MIN_ROWS", 2 if runs else 10**9)
+    g = torch.Generator().manual_seed(8)
+    values = torch.rand(9, 3, generator=g, dtype=torch.float64).add_(0.1).requires_grad_(True)
+    indices = torch.randint(0, 12, (9, 3), generator=g)
+    aux_indices = torch.tensor([[1, 6, 2]] * 3 + [[0, 7, 4]] * 4 + [[3, 11, 5]] * 2)[torch.randperm(9, generator=g)]
+    aux_values = torch.rand(9, 3, generator=g, dtype=torch.float64).add_(0.1).requires_grad_(True)
+    table = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves = (values, aux_values, table)
+    both = decode_with_aux(values, indices, aux_values, aux_indices, table)
+    apart = sparse_decode(values, indices, table), sparse_decode(aux_values, aux_indices, table)
+    weights = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
+    for got, want in zip(both, apart):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, both)), leaves),
+                         torch.autograd.grad(sum((w * o).sum() for w, o in zip(weights, apart)), leaves)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v, a, t: decode_with_aux(v, indices, a, aux_indices, t), leaves)
 
 
 def test_sparse_decode_gradcheck():
@@ -322,7 +347,7 @@ def test_sparse_decode_gradcheck():
     values = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     table = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
     indices = torch.tensor([[1, 6, 2], [6, 0, 7], [3, 1, 6], [0, 2, 4], [5, 6, 1]])
-    assert torch.autograd.gradcheck(lambda v, t: SparseDecode.apply(v, indices, t), (values, table))
+    assert torch.autograd.gradcheck(lambda v, t: sparse_decode(v, indices, t), (values, table))
 
 
 # -- TopK tie rule ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Hooks: grouped-GEMM expert dispatch with a sparse backward (`encode`, and fused with ReLU and
 TopK in `encode_topk`, and with AuxK's dead-latent TopK too in `encode_topk_aux`), sparse gather
-decode with a sparse backward (`decode`), `torch.topk` with
+decode with a sparse backward (`decode`; with AuxK's, one table gradient: `decode_with_aux`), `torch.topk` with
 the spec's tie rule, and an in-place fused optimiser step (`update`).
 Arrays live on `select_device()`: $SWITCHSAE_DEVICE, else CUDA when present, else CPU; on CPU,
 freed memory is kept for reuse (`keep_freed_cpu_memory`)."""
@@ -16,6 +16,7 @@ from switchsae.core.backend import Backend
 from switchsae.core.spec import ForwardOutput, forward
 
 from .decode import decode as sparse_decode
+from .decode import decode_with_aux as sparse_decode_with_aux
 from .device import keep_freed_cpu_memory, select_device
 from .encode import encode as expert_encode
 from .encode import encode_topk_aux as expert_encode_topk_aux
@@ -77,8 +78,16 @@ class TorchBackend(Backend):
         return expert_encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts, rows)
 
     def decode(self, values, indices, W_dec_flat):
-        rows = self._row_grads if self._row_grads is not None and self._row_grads.owns_decoder(W_dec_flat) else None
-        return sparse_decode(values, indices, W_dec_flat, rows)
+        return sparse_decode(values, indices, W_dec_flat, self._decoder_sink(W_dec_flat))
+
+    def decode_with_aux(self, values, indices, aux_values, aux_indices, expert, dead, W_dec_flat):
+        aux_ids = aux_indices + expert[:, None] * dead.shape[1]
+        return sparse_decode_with_aux(values, indices, aux_values, aux_ids, W_dec_flat, self._decoder_sink(W_dec_flat))
+
+    def _decoder_sink(self, W_dec_flat):
+        """The lazy-Adam collector when W_dec_flat is the one it collects for, else None."""
+        rows = self._row_grads
+        return rows if rows is not None and rows.owns_decoder(W_dec_flat) else None
 
     # -- training -----------------------------------------------------------------------------
     def loss_and_grads(self, params, x, cfg, dead_mask=None):

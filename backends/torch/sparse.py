@@ -62,6 +62,19 @@ def row_pattern(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
     return Pattern(rows, cols, row_ptr, n_cols)
 
 
+def concat_patterns(patterns: list) -> Pattern:
+    """Patterns over one set of columns, their rows stacked in order (the second's row 0 is the
+    first's n_rows): one pattern (itself when there is one)."""
+    if len(patterns) == 1:
+        return patterns[0]
+    rows, row_ptrs, n_rows, nnz = [], [patterns[0].row_ptr[:1]], 0, 0
+    for p in patterns:
+        rows.append(p.rows + n_rows)
+        row_ptrs.append(p.row_ptr[1:] + nnz)
+        n_rows, nnz = n_rows + p.n_rows, nnz + p.cols.shape[0]
+    return Pattern(torch.cat(rows), torch.cat([p.cols for p in patterns]), torch.cat(row_ptrs), patterns[0].n_cols)
+
+
 def compact(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids: (nnz,) int in 0..n-1 -> (unique ids (r,) ascending, position of each id in them (nnz,)),
     through an (n,) table rather than a sort."""
