@@ -16,7 +16,8 @@ import torch
 
 from .dispatch import sort_rows, unsort_rows
 from .sparse import (compact_cols, concat_patterns, fixed_pattern, gather_sum, nonzero_entries, run_columns,
-                     run_gather_sum, run_sampled_dot, run_scatter_outer, runs_of, sampled_dot, scatter_outer)
+                     run_gather_sum, run_sampled_dot, run_scatter_outer, runs_of, sampled_dot, scatter_outer,
+                     scatter_rows)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -58,7 +59,7 @@ class SparseDecode(torch.autograd.Function):
             if ctx.sink is not None:  # lazy Adam: (rows used, d), no (M, d) table
                 if gathers:
                     ids, local = compact_cols(pattern)
-                    ctx.sink.add("W_dec", ids, scatter_outer(local, weights, src))
+                    ctx.sink.add("W_dec", ids, scatter_rows(local, weights, src))
                 for part, g in runs:
                     ids, by_id = torch.sort(part.used.ids)
                     ctx.sink.add("W_dec", ids, run_scatter_outer(part.used, g).index_select(0, by_id))

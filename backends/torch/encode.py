@@ -24,7 +24,7 @@ import torch
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
 from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, fixed_pattern, gather_sum,
                      nonzero_entries, row_pattern, run_columns, run_gather_sum, run_scatter_outer, run_sums, runs_pay,
-                     scatter_outer)
+                     scatter_outer, scatter_rows)
 from .topk import topk_lowest_index_ties
 
 
@@ -203,7 +203,7 @@ def _collect_rows(sink, pattern: Pattern, values, blocks: RunColumns | None, x_r
     have non-zero values) and of `blocks` to the lazy-Adam collector `sink` (`lazy.RowGradients`):
     (r, d) and (r,), no (N*m, d) table."""
     ids, local = compact_cols(pattern)
-    sink.add("W_enc", ids, scatter_outer(local, values, x_rows))
+    sink.add("W_enc", ids, scatter_rows(local, values, x_rows))
     if has_b:
         sink.add("b_enc", ids, _latent_sums(local, values))
     if blocks is not None:  # ascending latents: runs in expert order, each run's ids ascending

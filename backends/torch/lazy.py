@@ -18,7 +18,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from .encode import latent_major
 from .optim import _in_layout_of, fused_update
-from .sparse import compact
+from .sparse import compact, row_capacity
 
 
 ROW_BLOCK = 4096  # rows updated at a time: p, m, v of W_enc and W_dec of a block are 36 MiB at d = 384
@@ -71,7 +71,7 @@ class RowGradients:
                 total = parts[0][1].to(p.dtype)
             else:
                 row_shape = p.shape[2:] if name == "W_dec" else p.shape[1:2] if name == "W_enc" else ()
-                total = p.new_zeros((ids.shape[0], *row_shape))
+                total = p.new_zeros((row_capacity(ids.shape[0]), *row_shape))[:ids.shape[0]]  # see scatter_rows
                 while parts:  # each part freed once added
                     part_ids, values = parts.pop()
                     total.index_add_(0, slot[part_ids], values.to(total.dtype))

@@ -102,6 +102,20 @@ def compact_cols(p: Pattern) -> tuple[torch.Tensor, Pattern]:
     return unique, Pattern(p.rows, position, p.row_ptr, unique.shape[0])
 
 
+def scatter_rows(p: Pattern, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """`scatter_outer` for a pattern over its used columns (`compact_cols`): (n_cols, d), a view
+    of a buffer of `row_capacity(n_cols)` rows, so that the touched-row gradients of successive
+    steps, whose count varies a little, come in a few sizes that a heap keeping freed memory
+    (`host_memory`) reuses instead of growing."""
+    return scatter_outer(p._replace(n_cols=row_capacity(p.n_cols)), weights, src)[:p.n_cols]
+
+
+def row_capacity(r: int) -> int:
+    """r rounded up to a multiple of 1/32 of the power of two below it (at most ~3 % more)."""
+    step = max(1, 1 << max(r.bit_length() - 6, 0))
+    return -(-r // step) * step
+
+
 def counts(index: torch.Tensor, n: int) -> torch.Tensor:
     """(n,) int64: how often each of 0..n-1 occurs in index (bincount with a static shape, so
     torch.compile needs no graph break)."""
