@@ -74,9 +74,11 @@ def measure_size(log2_m: int, optimizer: str, device: str, dtype: str, threads: 
             "peak_over_fp32_params": peak / param_bytes}
 
 
-def auxk_check(device: str, dtype: str, threads: int | None, repeats: int = 5) -> dict:
+def auxk_check(device: str, dtype: str, threads: int | None, repeats: int = 9) -> dict:
     """The N = 16 step (d 768, M 24576, k 32, batch 4096) with 10% dead latents (AuxK on)
-    against no dead mask, alternating so both see the same machine load; both optimisers."""
+    against no dead mask, alternating so both see the same machine load; both optimisers.
+    Medians of wall time (the ratio the issue asks for) and of this thread's CPU time (which
+    leaves out time the step waited for a shared core)."""
     import numpy as np
     import torch
 
@@ -94,19 +96,22 @@ def auxk_check(device: str, dtype: str, threads: int | None, repeats: int = 5) -
     for optimizer in ("adam", "lazy_adam"):
         params = be.training_layout({n: be.asarray(p, dtype) for n, p in init_params(cfg, 0).items()})  # as the Trainer
         box = [params, adam_init(params, be.xp)]
-        times = {"no_mask": [], "dead_10pct": []}
+        times = {(w, clock): [] for w in ("no_mask", "dead_10pct") for clock in ("wall", "cpu")}
         for i in range(2 * (repeats + 1)):
             which = "no_mask" if i % 2 == 0 else "dead_10pct"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             p, s, out = train_step(be, cfg, box[0], box[1], x, 1e-4, None if which == "no_mask" else dead,
                                    optimizer=optimizer)
             be.block_until_ready(out.losses["total"])
             box[:] = [p, s]
             if i >= 2:  # the first of each is warm-up
-                times[which].append(time.perf_counter() - t0)
-        medians = {w: float(np.median(t)) for w, t in times.items()}
-        result[optimizer] = {**{f"{w}_s": v for w, v in medians.items()},
-                             "ratio_dead_over_no_mask_speed": medians["no_mask"] / medians["dead_10pct"]}
+                times[which, "wall"].append(time.perf_counter() - t0)
+                times[which, "cpu"].append(time.thread_time() - c0)
+        med = {key: float(np.median(t)) for key, t in times.items()}
+        result[optimizer] = {"no_mask_s": med["no_mask", "wall"], "dead_10pct_s": med["dead_10pct", "wall"],
+                             "ratio_dead_over_no_mask_speed": med["no_mask", "wall"] / med["dead_10pct", "wall"],
+                             "no_mask_cpu_s": med["no_mask", "cpu"], "dead_10pct_cpu_s": med["dead_10pct", "cpu"],
+                             "cpu_ratio_dead_over_no_mask_speed": med["no_mask", "cpu"] / med["dead_10pct", "cpu"]}
     return result
 
 

@@ -342,6 +342,23 @@ def test_decode_with_aux_equals_two_decodes_with_one_table_gradient(runs, monkey
     assert torch.autograd.gradcheck(lambda v, a, t: decode_with_aux(v, indices, a, aux_indices, t), leaves)
 
 
+def test_touched_row_buffers_come_in_few_sizes():
+    """scatter_rows equals scatter_outer over the used columns, in a buffer of row_capacity rows:
+    at most 1/32 more than asked, the same for counts that differ a little (so a heap that keeps
+    freed memory reuses last step's block), never fewer."""
+    caps = [sparse.row_capacity(r) for r in range(1, 5000)]
+    assert all(r <= c <= r * 33 / 32 for r, c in zip(range(1, 5000), caps))
+    assert caps == sorted(caps) and len(set(caps[2000:4000])) < 40
+    assert sparse.row_capacity(200_000) == sparse.row_capacity(198_000) == 200_704
+    g = torch.Generator().manual_seed(2)
+    p = sparse.fixed_pattern(torch.randint(0, 500, (40, 3), generator=g), 500)
+    w, src = torch.randn(120, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
+    ids, local = sparse.compact_cols(p)
+    rows = sparse.scatter_rows(local, w, src)
+    assert rows.shape == (ids.shape[0], 6) and rows.untyped_storage().nbytes() == 8 * 6 * sparse.row_capacity(ids.shape[0])
+    torch.testing.assert_close(rows, sparse.scatter_outer(p, w, src)[ids], rtol=1e-12, atol=1e-12)
+
+
 def test_sparse_decode_gradcheck():
     g = torch.Generator().manual_seed(3)
     values = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
