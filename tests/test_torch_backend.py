@@ -355,7 +355,8 @@ def test_touched_row_buffers_come_in_few_sizes():
     w, src = torch.randn(120, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
     ids, local = sparse.compact_cols(p)
     rows = sparse.scatter_rows(local, w, src)
-    assert rows.shape == (ids.shape[0], 6) and rows.untyped_storage().nbytes() == 8 * 6 * sparse.row_capacity(ids.shape[0])
+    assert rows.shape == (ids.shape[0], 6)
+    assert rows.untyped_storage().nbytes() == 8 * 6 * sparse.row_capacity(ids.shape[0])
     torch.testing.assert_close(rows, sparse.scatter_outer(p, w, src)[ids], rtol=1e-12, atol=1e-12)
 
 
