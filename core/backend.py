@@ -148,21 +148,16 @@ class Backend:
         values are ReLU outputs, whose zeros pass no gradient on; AuxK pads its rows with them)."""
         return decode_reference(values, indices, W_dec_flat, self.xp)
 
-    def decode_aux(self, aux_values, aux_indices, expert, dead, W_dec_flat):
-        """AuxK's decode: `decode` of `encode_topk_aux`'s aux entries at the token's expert's
-        latents, so that a backend can use that they lie in its expert's dead latents.
-        aux_values, aux_indices: (batch, j) (local ids; an entry at a latent that is not dead has
-        value 0); expert: (batch,); dead: (N, m) bool; W_dec_flat: (N*m, d) -> (batch, d)."""
-        m = dead.shape[1]
-        ids = aux_indices + self.xp.astype(expert, aux_indices.dtype)[:, None] * m
-        return self.decode(aux_values, ids, W_dec_flat)
-
     def decode_with_aux(self, values, indices, aux_values, aux_indices, expert, dead, W_dec_flat):
-        """The main TopK's `decode` (values, indices: (batch, k), global ids) and AuxK's
-        `decode_aux` (its arguments) from one table: -> (recon, aux_recon), so that a backend can
-        share work between them (one table gradient)."""
-        return (self.decode(values, indices, W_dec_flat),
-                self.decode_aux(aux_values, aux_indices, expert, dead, W_dec_flat))
+        """The main TopK's `decode` and AuxK's from one table, so that a backend can share work
+        between them (one table gradient) or use that AuxK's entries lie in the token's expert's
+        dead latents.  values, indices: (batch, k), global ids; aux_values, aux_indices: (batch, j)
+        `encode_topk_aux`'s aux entries, local ids (an entry at a latent that is not dead has value
+        0); expert: (batch,); dead: (N, m) bool; W_dec_flat: (N*m, d) -> (recon, aux_recon), each
+        (batch, d)."""
+        m = dead.shape[1]
+        aux_ids = aux_indices + self.xp.astype(expert, aux_indices.dtype)[:, None] * m
+        return self.decode(values, indices, W_dec_flat), self.decode(aux_values, aux_ids, W_dec_flat)
 
     def scatter_add(self, target, indices, values):
         """Return target with values[j] added at row indices[j], duplicates accumulating.

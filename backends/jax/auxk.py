@@ -5,8 +5,10 @@ of the m.  With `cap` >= every expert's dead count (static: `compile.compile_ste
 count back and buckets it, `dead_cap`), the dead latents of expert e are listed in
 cols[e] (cap,), and a tile of one expert's tokens holds AuxK's entries as a dense (rows, cap)
 matrix over those columns: its decode is one (rows, cap) @ (cap, d) product, its backward two,
-and the encoder's AuxK TopK runs over cap columns instead of m (`encode`).  The row gathers and
-outer-product scatters of the generic sparse decode become GEMMs; the result is the same."""
+and the encoder's AuxK TopK runs over cap columns instead of m (`encode`), or is skipped when
+aux_k >= cap (every dead latent kept, in column order: `Backend.encode_topk_aux` allows any
+order).  The row gathers and outer-product scatters of the generic sparse decode become GEMMs;
+the result is the same."""
 
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def dense_entries(values, positions, cap: int):
 
 
 def decode_dead(values, indices, expert, dead, table, cap: int):
-    """`Backend.decode_aux` on the tiles: sum_j values[:, j] * table[expert * m + indices[:, j]]
+    """AuxK's part of `Backend.decode_with_aux` on the tiles: sum_j values[:, j] * table[expert * m + indices[:, j]]
     -> (batch, d), as one dense product per tile of an expert's tokens over its dead columns.
     values, indices: (batch, j) local ids, an entry at a latent that is not dead of value 0;
     expert: (batch,); dead: (N, m) bool, at most cap dead per expert; table: (N * m, d)."""

@@ -96,13 +96,14 @@ class JaxBackend(Backend):
             return self._rows.decode(values, indices, W_dec_flat, self.dispatch_mode)
         return sparse_decode(values, indices, W_dec_flat, self.dispatch_mode)
 
-    def decode_aux(self, aux_values, aux_indices, expert, dead, W_dec_flat):
-        """In a step compiled by `compile_step` on the tiles: dense products over each expert's
-        dead columns (`auxk.decode_dead`); elsewhere the sparse `decode`."""
+    def decode_with_aux(self, values, indices, aux_values, aux_indices, expert, dead, W_dec_flat):
+        """In a step compiled by `compile_step` on the tiles, AuxK's decode as dense products over
+        each expert's dead columns (`auxk.decode_dead`); elsewhere both as the sparse `decode`."""
         cap = self._dead_cap(dead, keep_acts=False)
         if cap is None:
-            return super().decode_aux(aux_values, aux_indices, expert, dead, W_dec_flat)
-        return decode_dead(aux_values, aux_indices, expert, dead, W_dec_flat, cap)
+            return super().decode_with_aux(values, indices, aux_values, aux_indices, expert, dead, W_dec_flat)
+        return (self.decode(values, indices, W_dec_flat),
+                decode_dead(aux_values, aux_indices, expert, dead, W_dec_flat, cap))
 
     def _dead_cap(self, dead, keep_acts: bool) -> int | None:
         """The static cap on the experts' dead counts of the step `compile_step` is tracing (which

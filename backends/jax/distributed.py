@@ -155,7 +155,7 @@ class ExpertParallelBackend(JaxBackend):
     # fused kernel, which would see every device's tokens)
     encode_topk = Backend.encode_topk
     encode_topk_aux = Backend.encode_topk_aux  # AuxK's TopK from the sharded acts, likewise
-    decode_aux = Backend.decode_aux  # the sharded decode below
+    decode_with_aux = Backend.decode_with_aux  # the sharded decode below
 
     def encode(self, x_centered, W_enc, b_enc, expert):
         """x_centered: (batch, d); W_enc: (N, d, m) split over "expert"; expert: (batch,)

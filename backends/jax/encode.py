@@ -144,15 +144,6 @@ def _sparse_encode_topk(k, aux_k, mode, cap, x, b_pre, W_enc, b_enc, expert, dea
     return _sparse_encode_topk_fwd(k, aux_k, mode, cap, x, b_pre, W_enc, b_enc, expert, dead)[0]
 
 
-def _top_k_of_columns(a, k):
-    """`jax.lax.top_k` of a (T, n), by its TopK kernel even when k = n (XLA's CPU backend sorts
-    then, twice as slow): a zero column appended (a >= 0) is never among the k, ties going to the
-    lower index."""
-    if k < a.shape[-1]:
-        return jax.lax.top_k(a, k)
-    return jax.lax.top_k(jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (1,), a.dtype)], -1), k)
-
-
 def _kept(acts, dead_rows, k, aux_k):
     """TopK of acts (T, m), and AuxK's (of the dead_rows) when aux_k: 2 or 4 arrays (T, .)."""
     kept = tuple(jax.lax.top_k(acts, k))
@@ -180,7 +171,10 @@ def _sparse_encode_topk_fwd(k, aux_k, mode, cap, x, b_pre, W_enc, b_enc, expert,
             cols = columns.cols[group]
             dead_acts = jnp.where(_expert(dead, group)[cols], acts.at[:, cols].get(mode=D._GRID),
                                   jnp.zeros((), acts.dtype))
-            aux_values, at = _top_k_of_columns(dead_acts, min(aux_k, cap))
+            if aux_k >= cap:  # every dead column is kept: no selection (AuxK's entries in any order)
+                at = jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32), dead_acts.shape)
+                return (*_kept(acts, None, k, 0), dead_acts, jnp.broadcast_to(cols, dead_acts.shape), at)
+            aux_values, at = jax.lax.top_k(dead_acts, aux_k)
             return (*_kept(acts, None, k, 0), aux_values, cols.at[at].get(mode=D._GRID), at)
 
         tiled = D.map_tiles(tile, plan, x_rows)
