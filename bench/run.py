@@ -103,7 +103,7 @@ def time_config(backend, cfg: SwitchSAEConfig, batch: int, repeats: int) -> dict
         return out.losses["total"]
 
     t = measure(one_step, backend, warmup=1, repeats=repeats)
-    flops = train_flops(cfg)["total"] * batch
+    flops = train_flops(cfg.replace(auxk_coef=0.0))["total"] * batch  # no dead mask: AuxK does not run
     record["train_step"] = {**t, "tokens_per_s": batch / t["median_s"],
                             "useful_flop": flops, "flop_per_s": flops / t["median_s"]}
     record["forward"]["flop_per_s"] = forward_flops(cfg)["total"] * batch / record["forward"]["median_s"]
