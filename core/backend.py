@@ -151,13 +151,11 @@ class Backend:
     def decode_with_aux(self, values, indices, aux_values, aux_indices, expert, dead, W_dec_flat):
         """The main TopK's `decode` and AuxK's from one table, so that a backend can share work
         between them (one table gradient) or use that AuxK's entries lie in the token's expert's
-        dead latents.  values, indices: (batch, k), global ids; aux_values, aux_indices: (batch, j)
-        `encode_topk_aux`'s aux entries, local ids (an entry at a latent that is not dead has value
-        0); expert: (batch,); dead: (N, m) bool; W_dec_flat: (N*m, d) -> (recon, aux_recon), each
+        dead latents.  values, indices: (batch, k) and aux_values, aux_indices: (batch, j)
+        (`encode_topk_aux`'s aux entries; one at a latent that is not dead has value 0), global
+        ids; expert: (batch,); dead: (N, m) bool; W_dec_flat: (N*m, d) -> (recon, aux_recon), each
         (batch, d)."""
-        m = dead.shape[1]
-        aux_ids = aux_indices + self.xp.astype(expert, aux_indices.dtype)[:, None] * m
-        return self.decode(values, indices, W_dec_flat), self.decode(aux_values, aux_ids, W_dec_flat)
+        return self.decode(values, indices, W_dec_flat), self.decode(aux_values, aux_indices, W_dec_flat)
 
     def scatter_add(self, target, indices, values):
         """Return target with values[j] added at row indices[j], duplicates accumulating.

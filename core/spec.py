@@ -141,7 +141,8 @@ def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: 
         recon = backend.decode(values, ids, table)
         aux_recon = backend.decode(aux_values, global_ids(aux_cand, experts, m, xp), table)
     else:
-        recon, aux_recon = backend.decode_with_aux(values, ids, aux_values, aux_cand, experts[:, 0], dead, table)
+        recon, aux_recon = backend.decode_with_aux(values, ids, aux_values, global_ids(aux_cand, experts, m, xp),
+                                                   experts[:, 0], dead, table)
     return Experts(values, cand, recon, acts, aux_cand, aux_recon)
 
 

@@ -102,8 +102,8 @@ class JaxBackend(Backend):
         cap = self._dead_cap(dead, keep_acts=False)
         if cap is None:
             return super().decode_with_aux(values, indices, aux_values, aux_indices, expert, dead, W_dec_flat)
-        return (self.decode(values, indices, W_dec_flat),
-                decode_dead(aux_values, aux_indices, expert, dead, W_dec_flat, cap))
+        local = aux_indices - expert[:, None].astype(aux_indices.dtype) * dead.shape[1]
+        return self.decode(values, indices, W_dec_flat), decode_dead(aux_values, local, expert, dead, W_dec_flat, cap)
 
     def _dead_cap(self, dead, keep_acts: bool) -> int | None:
         """The static cap on the experts' dead counts of the step `compile_step` is tracing (which

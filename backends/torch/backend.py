@@ -81,8 +81,8 @@ class TorchBackend(Backend):
         return sparse_decode(values, indices, W_dec_flat, self._decoder_sink(W_dec_flat))
 
     def decode_with_aux(self, values, indices, aux_values, aux_indices, expert, dead, W_dec_flat):
-        aux_ids = aux_indices + expert[:, None] * dead.shape[1]
-        return sparse_decode_with_aux(values, indices, aux_values, aux_ids, W_dec_flat, self._decoder_sink(W_dec_flat))
+        return sparse_decode_with_aux(values, indices, aux_values, aux_indices, W_dec_flat,
+                                      self._decoder_sink(W_dec_flat))
 
     def _decoder_sink(self, W_dec_flat):
         """The lazy-Adam collector when W_dec_flat is the one it collects for, else None."""
