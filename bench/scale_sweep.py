@@ -11,7 +11,8 @@ betas, clip 1.0, the paper's lr for M), a fixed random 10% of the latents dead (
 1/32, k_aux d/2) and the dead-latent counter updated every step as the Trainer does, on random
 Gaussian activations.  d 384, m 1024, k 32, batch 4096 by default; both optimisers (dense
 "adam" up to --dense-max-log2-m).  The AuxK check times the N = 16 step (d 768, M 24576) with
-10% dead against no dead mask, interleaved.  Writes scale_sweep.json and scale_sweep.png."""
+10% dead against no dead mask, interleaved (`--auxk-check-only`: that alone, printed).  Writes
+scale_sweep.json and scale_sweep.png."""
 
 from __future__ import annotations
 
@@ -169,11 +170,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size (after 2 warm-up)")
     parser.add_argument("--skip-auxk-check", action="store_true", help="skip the N = 16 AuxK step check")
+    parser.add_argument("--auxk-check-only", action="store_true",
+                        help="run only the N = 16 AuxK step check and print it (writes nothing)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "log2_m,optimizer" in this process
     args = parser.parse_args(argv)
     if args.min_log2_m > args.max_log2_m or 2**args.min_log2_m < args.m:
         parser.error(f"need 2^min-log2-m >= m ({args.m}) and min <= max")
     common = (args.device, args.dtype, args.threads)
+    if args.auxk_check_only:
+        print("AuxK check (N 16, d 768):", json.dumps(auxk_check(*common)), flush=True)
+        return 0
     if args.one:
         log2_m, optimizer = args.one.split(",")
         print(json.dumps(measure_size(int(log2_m), optimizer, *common, args.d, args.m, args.k, args.batch,

@@ -232,9 +232,10 @@ def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck(run
     """encode_topk_aux chooses AuxK's dead latents inside the fused encode: its positive values
     and their ids equal the standard-ops hook's (top aux_k of acts masked to dead latents), the
     rest is 0, and the gradients of main and AuxK values together pass gradcheck (one sparse
-    backward).  Gathers: the positive ones first, descending, width the most positive dead acts
-    of a row (capped at aux_k).  Dense runs (when every dead latent may be kept): each row lists
-    its expert's dead latents, ascending, width the most dead latents of an expert."""
+    backward).  Gathers: the positive ones first, width the most positive dead acts of a row
+    (capped at aux_k); in ascending id order in a row with at most aux_k (no selection), else
+    descending.  Dense runs (when every dead latent may be kept): each row lists its
+    expert's dead latents, ascending, width the most dead latents of an expert."""
     _auxk_as_runs(monkeypatch, runs)
     g = torch.Generator().manual_seed(11)
     T, d, n, m, k = 12, 5, 3, 8, 2
@@ -245,7 +246,9 @@ def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck(run
     expert = torch.tensor([2, 0, 2, 2, 0, 2, 0, 0, 2, 1, 0, 2])
     dead = torch.rand(n, m, generator=g) < 0.5
     dead[1] = False  # an expert without dead latents
-    for aux_k in (2, m):
+    most = int((ReferenceHooks.encode_topk_aux(be, x, b_pre, W, b, expert, k, dead, m)[3] > 0).sum(1).max())
+    assert 2 <= most < m, "rows with more positive dead acts than aux_k = 1, none with more than m"
+    for aux_k in (1, m):
         want = ReferenceHooks.encode_topk_aux(be, x, b_pre, W, b, expert, k, dead, aux_k)
         got = be.encode_topk_aux(x, b_pre, W, b, expert, k, dead, aux_k, keep_acts=False)
         assert got[0] is None
@@ -264,6 +267,10 @@ def test_fused_auxk_selection_equals_the_reference_hook_and_passes_gradcheck(run
                 order = torch.argsort(got[3][t][kept], descending=True, stable=True)
                 assert torch.equal(got[3][t][kept][order], want[3][t, :p])
                 assert torch.equal(got[4][t][kept][order], want[4][t, :p])
+            elif p < aux_k or most <= aux_k:  # every positive one, in ascending id order
+                order = torch.argsort(want[4][t, :p])
+                assert torch.equal(got[3][t, :p], want[3][t, :p][order])
+                assert torch.equal(got[4][t, :p], want[4][t, :p][order])
             else:
                 assert torch.equal(got[3][t, :p], want[3][t, :p]) and torch.equal(got[4][t, :p], want[4][t, :p])
 
@@ -373,11 +380,13 @@ def test_sparse_decode_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_largest_bounds_the_row_and_equals_torch_topk(dtype, monkeypatch):
     """`largest` returns torch.topk's values (and, without ties, indices) without running
-    torch.topk on whole rows; a NaN row falls back to torch.topk on the whole row."""
-    widths, real_topk = [], torch.topk
+    torch.topk on whole rows, but for rows with more than half their entries tied at the bound
+    (those rows alone); a NaN row falls back to torch.topk on the whole batch."""
+    widths, rows, real_topk = [], [], torch.topk
 
     def spy(t, k, *args, **kwargs):
         widths.append(t.shape[-1])
+        rows.append(t.shape[0])
         return real_topk(t, k, *args, **kwargs)
 
     monkeypatch.setattr(torch, "topk", spy)
@@ -392,6 +401,13 @@ def test_largest_bounds_the_row_and_equals_torch_topk(dtype, monkeypatch):
         if dtype != torch.bfloat16:  # continuous values: no ties, the same indices
             assert torch.equal(indices, want.indices)
         assert all(w < n // 2 for w in widths), f"torch.topk ran on widths {widths} of rows {n} wide"
+    acts = torch.randn(64, 1536, generator=g, dtype=torch.float64).clamp_min(0).to(dtype)
+    acts[[3, 40], 40:] = 0.0  # crowded: fewer than k positive entries, more than half tied at 0
+    widths.clear()
+    values, indices = torch_topk.largest(acts, 33)
+    assert rows[-1:] == [2] and widths[-1:] == [acts.shape[1]], "the crowded rows alone go to torch.topk"
+    want = real_topk(acts, 33, dim=-1)
+    assert torch.equal(values, want.values) and torch.equal(torch.gather(acts, 1, indices), want.values)
     acts[0, 5] = float("nan")
     widths.clear()
     values, indices = torch_topk.largest(acts, 1)

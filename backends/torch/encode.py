@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
-from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, fixed_pattern, gather_sum,
+from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, counts, fixed_pattern, gather_sum,
                      nonzero_entries, row_pattern, run_columns, run_gather_sum, run_scatter_outer, run_sums, runs_pay,
                      scatter_outer, scatter_rows)
 from .topk import topk_lowest_index_ties
@@ -124,40 +124,55 @@ def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int, ends):
     """AuxK's selection: the top aux_k of each row's acts at its expert's dead latents.
     acts_sorted: (T, m) >= 0, rows in expert order; dead: (N, m) bool; expert_sorted: (T,);
     ends: (N,) the end of each expert's rows -> values, local ids (T, j) and their `Runs` or None.
-    Only the dead columns are read (each expert's dead ids ascending, padded to the most any
-    expert has, `width`).  Two forms, both exact (entries of value 0 are inert: any index, no
-    gradient):
+    Each expert's dead ids ascending, padded to the most any expert has, are `width` columns.
+    Two forms, both exact (entries of value 0 are inert: any index, no gradient):
       * when every row may keep all its dead latents (width <= aux_k), there are enough rows per
         expert (`sparse.runs_pay`) and at least `RUN_MIN_DENSITY` of the entries
         are positive: no selection at all, j = width, row t lists all its expert's dead ids
         (acts there, 0 at padding), so each expert's rows are one dense block (`Runs` over the
         global latents, in ascending order) whose products are GEMMs;
-      * otherwise the positive dead acts, descending (equal values: lower id first), j = the most
-        positive dead acts of any row (at least 1, at most aux_k), the rest ranked below all
-        others in index order (no ties to resolve among them) with value 0."""
+      * otherwise the positive dead acts, j = the most of any row (at least 1, at most aux_k):
+        in a row with at most aux_k of them (in training, mostly a few) all of them with no
+        selection, in ascending id order, then value 0 at local id 0; in a row with more, the
+        top aux_k, descending (equal values: lower id first)."""
     n, m = dead.shape
     per_expert = dead.sum(1)
     width = max(int(per_expert.max()), 1)
     dead_ids = torch.argsort(~dead, dim=1, stable=True)[:, :width]  # dead local ids first, ascending
     valid = torch.arange(width, device=dead.device) < per_expert[:, None]
-    ids = dead_ids[expert_sorted]
-    cand = torch.gather(acts_sorted, 1, ids)
-    live = valid[expert_sorted] & (cand > 0)
     n_rows = acts_sorted.shape[0]
     stops = ends.tolist()
     starts = [0, *stops[:-1]]
     runs = [(e, a, b) for e, (a, b) in enumerate(zip(starts, stops)) if b > a]
-    if (width <= aux_k and runs_pay(len(runs), n_rows)
-            and int(live.sum()) >= RUN_MIN_DENSITY * n_rows * width):
-        return cand.mul_(live), ids, Runs([a for _, a, _ in runs] + [n_rows],
-                                          [dead_ids[e] + e * m for e, _, _ in runs])
-    # not positive dead: below every live entry, lower positions ranked higher (no ties)
-    filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
-    cand = torch.where(live, cand, filler)
-    most = int(live.sum(1).max()) if n_rows else 0  # a process may hold no rows
+    if width <= aux_k and runs_pay(len(runs), n_rows):
+        ids = dead_ids[expert_sorted]
+        cand = torch.gather(acts_sorted, 1, ids)
+        live = valid[expert_sorted] & (cand > 0)
+        if int(live.sum()) >= RUN_MIN_DENSITY * n_rows * width:
+            return cand.mul_(live), ids, Runs([a for _, a, _ in runs] + [n_rows],
+                                              [dead_ids[e] + e * m for e, _, _ in runs])
+    # the positive dead acts, row-major: each row's in ascending id order
+    rows, local = torch.nonzero(dead[expert_sorted] & (acts_sorted > 0)).unbind(1)
+    per_row = counts(rows, n_rows)
+    most = int(per_row.max()) if n_rows else 0  # a process may hold no rows
     j = max(min(most, aux_k), 1)
-    values, pos = topk_lowest_index_ties(cand, j)
-    return values.clamp_(min=0), torch.gather(ids, 1, pos), None
+    values, ids = acts_sorted.new_zeros((n_rows, j)), local.new_zeros((n_rows, j))
+    crowded = torch.nonzero(per_row > aux_k).squeeze(1) if most > aux_k else None
+    if crowded is not None:  # those rows select below; the others keep all their positive ones
+        fits = per_row[rows] <= aux_k
+        rows, local = rows[fits], local[fits]
+        per_row = per_row.masked_fill(per_row > aux_k, 0)
+    pos = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+    values[rows, pos], ids[rows, pos] = acts_sorted[rows, local], local
+    if crowded is not None:
+        crowded_ids = dead_ids[expert_sorted[crowded]]
+        cand = torch.gather(acts_sorted[crowded], 1, crowded_ids)
+        # not positive dead: below every live entry, lower positions ranked higher (no ties)
+        filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
+        live = valid[expert_sorted[crowded]] & (cand > 0)
+        top, slot = topk_lowest_index_ties(torch.where(live, cand, filler), j)
+        values[crowded], ids[crowded] = top.clamp_(min=0), torch.gather(crowded_ids, 1, slot)
+    return values, ids, None
 
 
 def _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, ends):

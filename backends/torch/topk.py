@@ -54,16 +54,22 @@ def largest(acts: torch.Tensor, k: int):
     found = _above_bound(a, maxima, k)
     if found is None:
         return torch.topk(acts, k, dim=-1, sorted=True)
-    return torch.from_numpy(found[0]).to(acts.dtype), torch.from_numpy(found[1])
+    values, indices = torch.from_numpy(found[0]).to(acts.dtype), torch.from_numpy(found[1])
+    crowded = torch.from_numpy(found[2])
+    if crowded.numel():  # rows with more than half their entries at the bound: torch.topk
+        values[crowded], indices[crowded] = torch.topk(acts[crowded], k, dim=-1, sorted=True)
+    return values, indices
 
 
 def _above_bound(a: np.ndarray, maxima: np.ndarray, k: int):
     """The k largest entries of each row of a: (r, n), sorted, found among the few entries at or
     above a lower bound of the k-th largest.  maxima (r, 2k): the maxima of 2k disjoint blocks of
     each row; their k-th largest bounds the row's k-th largest entry from below (k blocks reach
-    it, each holding an entry at least that large).  -> values, indices (r, k); None when there
-    are NaNs (torch.topk ranks them above all) or a row has more than half its entries at the
-    bound (ties): then torch.topk does better."""
+    it, each holding an entry at least that large).  -> values, indices (r, k) and the rows
+    `crowded` (ascending) with more than half their entries at or above the bound (ties, e.g. a
+    relu'd row with fewer than k positive entries), whose values and indices are left for
+    torch.topk, which does better there; None when there are NaNs (torch.topk ranks them above
+    all) or every row is crowded."""
     n_rows, n = a.shape
     if np.isnan(maxima).any() or np.isnan(a[:, maxima.shape[1] * (n // maxima.shape[1]):]).any():
         return None  # the maxima cover all but the last n mod 2k columns
@@ -71,9 +77,14 @@ def _above_bound(a: np.ndarray, maxima: np.ndarray, k: int):
     flat = np.flatnonzero(a >= bound)  # row-major: each row's columns ascending
     rows = flat // n
     per_row = np.bincount(rows, minlength=n_rows)
-    width = int(per_row.max())
-    if width > n // 2:
+    crowded = np.flatnonzero(per_row > n // 2)
+    if crowded.size == n_rows:
         return None
+    if crowded.size:
+        keep = per_row[rows] <= n // 2
+        flat, rows = flat[keep], rows[keep]
+        per_row[crowded] = 0
+    width = max(int(per_row.max()), k)  # a crowded row's k slots: -inf, left to the caller
     # row r's candidates, padded with -inf to `width`
     dest = np.arange(flat.size) + np.repeat(np.arange(n_rows) * width - (np.cumsum(per_row) - per_row), per_row)
     candidates = np.full(n_rows * width, -np.inf, dtype=a.dtype)
@@ -82,7 +93,7 @@ def _above_bound(a: np.ndarray, maxima: np.ndarray, k: int):
     columns[dest] = flat - rows * n
     order = np.argsort(-candidates.reshape(n_rows, width), axis=-1)[:, :k]
     return (np.take_along_axis(candidates.reshape(n_rows, width), order, -1),
-            np.take_along_axis(columns.reshape(n_rows, width), order, -1))
+            np.take_along_axis(columns.reshape(n_rows, width), order, -1), crowded)
 
 
 _MIN_WIDTH_PER_K = 16  # narrower rows: torch.topk directly
