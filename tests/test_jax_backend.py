@@ -232,3 +232,33 @@ def _shapes(jaxpr):
             shape = getattr(getattr(var, "aval", None), "shape", None)
             if shape is not None:
                 yield tuple(shape)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, None])
+def test_blocked_update_equals_the_spec_update(max_grad_norm):
+    """The CPU update by latent blocks (`update.blocked_update`) against `apply_update` on the same
+    arrays (float32 tolerance: the row sums run over blocks), with every parameter kind (b_enc,
+    the shared decoder) and an expert width of 24, so 3 blocks of 8 per expert; a clip that binds
+    (1e-3) and none.  An expert width with no divisor of 8 or more in BLOCK_ROWS takes the spec's
+    update."""
+    from switchsae.backends.jax.update import block_rows, blocked_update
+    from switchsae.core.train_step import apply_update
+
+    cfg = SwitchSAEConfig(d_in=16, n_latents=96, n_experts=4, k=4, encoder_bias=True, shared_latents=8,
+                          shared_k=2)
+    rng = np.random.default_rng(0)
+    params = {n: jnp.asarray(p, jnp.float32) for n, p in init_params(cfg, 0).items()}
+    grads = {n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()}
+    state = adam_init(params, jnp)
+    state = state._replace(m={n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()},
+                           v={n: jnp.asarray(rng.random(p.shape), jnp.float32) for n, p in params.items()}, step=3)
+    assert block_rows(params) == 8
+    got = jax.jit(lambda *a: blocked_update(*a, max_grad_norm, (0.9, 0.999), 8))(params, grads, state, LR)
+    want = apply_update(jnp, params, grads, state, LR, max_grad_norm)
+    assert int(got[1].step) == want[1].step == 4
+    for i, what in enumerate(("params", "m", "v")):
+        for n in params:
+            g, w = (got[0], got[1].m, got[1].v)[i][n], (want[0], want[1].m, want[1].v)[i][n]
+            H.assert_close(np.asarray(g), np.asarray(w), "float32", f"{what} {n}")
+    narrow = dict(params, W_enc=params["W_enc"][..., :12], W_dec=params["W_dec"][:, :12])
+    assert block_rows(narrow) is None

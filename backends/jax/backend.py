@@ -23,6 +23,7 @@ from .decode import decode_rows
 from .dispatch import choose_mode
 from .encode import encode_topk as fused_encode_topk
 from .encode import encode_topk_rows, grouped_encode
+from .update import block_rows, blocked_update
 
 
 class JaxBackend(Backend):
@@ -48,6 +49,7 @@ class JaxBackend(Backend):
         if jax.default_backend() == "cpu":
             keep_freed_cpu_memory()  # XLA's CPU temporaries come from malloc: no page faults
         self._loss_and_grads = jax.jit(self._value_and_grad, static_argnums=(2,))
+        self.blocked_update = jax.default_backend() == "cpu"  # dense Adam a block of latents at a time (`update`)
         self._trace = None  # the `lazy.StepTrace` while compile_step traces a step
         self._rows = None  # the `_RowSinks` while loss_and_row_grads traces the forward pass
 
@@ -164,6 +166,14 @@ class JaxBackend(Backend):
         (_, (out, ids, count)), (grads, row_grads) = jax.value_and_grad(total, (0, 1), has_aux=True)(dense, sinks)
         trace.used, trace.bound, trace.count = jnp.asarray(used), jnp.asarray(trace.bound), count
         return out, {**grads, **{n: lazy.Rows(ids, g, count) for n, g in row_grads.items()}}
+
+    def update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """On CPU (`blocked_update`), W_enc and W_dec updated a block of latents at a time, in
+        place under `compile_step` (`update` module notes); elsewhere the spec's update."""
+        rows = block_rows(params) if self.blocked_update else None
+        if rows is None:
+            return super().update(params, grads, opt_state, lr, max_grad_norm, betas)
+        return blocked_update(params, grads, opt_state, lr, max_grad_norm, betas, rows)
 
     def lazy_update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
         """Lazy Adam reading and writing the touched rows only (`lazy.lazy_update`), or the
