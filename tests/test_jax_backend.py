@@ -7,7 +7,10 @@ under jit, bfloat16 and array conversion.  Tolerances are `conformance.harness.T
 from __future__ import annotations
 
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import array_api_compat
 import jax
@@ -262,3 +265,32 @@ def test_blocked_update_equals_the_spec_update(max_grad_norm):
             H.assert_close(np.asarray(g), np.asarray(w), "float32", f"{what} {n}")
     narrow = dict(params, W_enc=params["W_enc"][..., :12], W_dec=params["W_dec"][:, :12])
     assert block_rows(narrow) is None
+
+
+_FAULTS_PER_CALL = """
+import resource
+import jax, jax.numpy as jnp
+from switchsae.backends.jax import Backend
+Backend()
+f = jax.jit(lambda x: jnp.sum(jnp.outer(x, x) @ x[:, None]))  # a (4096, 4096) float32 temporary: 64 MiB
+x = jnp.ones(4096)
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_cpu_temporaries_are_reused_not_page_faulted(keep):
+    """(glibc) In a fresh process that creates the backend first, a compiled function's 64 MiB temporary
+    (16,384 pages), allocated on XLA's worker thread, is reused by the next calls: under 1,024 page
+    faults a call (`host_memory.keep_freed_cpu_memory`); with it off ($SWITCHSAE_KEEP_FREED_MEMORY=0)
+    every call faults it in again (the check can fail)."""
+    from switchsae.backends.host_memory import KEEP_FREED_ENV_VAR
+
+    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, **{KEEP_FREED_ENV_VAR: keep}))
+    faults = int(done.stdout.split()[-1])
+    assert faults < 1024 if keep == "1" else faults >= 16384, faults
