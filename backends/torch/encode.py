@@ -165,11 +165,12 @@ def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int, ends):
     pos = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
     values[rows, pos], ids[rows, pos] = acts_sorted[rows, local], local
     if crowded is not None:
-        crowded_ids = dead_ids[expert_sorted[crowded]]
+        crowded_experts = expert_sorted[crowded]
+        crowded_ids = dead_ids[crowded_experts]
         cand = torch.gather(acts_sorted[crowded], 1, crowded_ids)
         # not positive dead: below every live entry, lower positions ranked higher (no ties)
         filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
-        live = valid[expert_sorted[crowded]] & (cand > 0)
+        live = valid[crowded_experts] & (cand > 0)
         top, slot = topk_lowest_index_ties(torch.where(live, cand, filler), j)
         values[crowded], ids[crowded] = top.clamp_(min=0), torch.gather(crowded_ids, 1, slot)
     return values, ids, None
