@@ -7,7 +7,10 @@ under jit, bfloat16 and array conversion.  Tolerances are `conformance.harness.T
 from __future__ import annotations
 
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import array_api_compat
 import jax
@@ -232,3 +235,62 @@ def _shapes(jaxpr):
             shape = getattr(getattr(var, "aval", None), "shape", None)
             if shape is not None:
                 yield tuple(shape)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, None])
+def test_blocked_update_equals_the_spec_update(max_grad_norm):
+    """The CPU update by latent blocks (`update.blocked_update`) against `apply_update` on the same
+    arrays (float32 tolerance: the row sums run over blocks), with every parameter kind (b_enc,
+    the shared decoder) and an expert width of 24, so 3 blocks of 8 per expert; a clip that binds
+    (1e-3) and none.  An expert width with no divisor of 8 or more in BLOCK_ROWS takes the spec's
+    update."""
+    from switchsae.backends.jax.update import block_rows, blocked_update
+    from switchsae.core.train_step import apply_update
+
+    cfg = SwitchSAEConfig(d_in=16, n_latents=96, n_experts=4, k=4, encoder_bias=True, shared_latents=8,
+                          shared_k=2)
+    rng = np.random.default_rng(0)
+    params = {n: jnp.asarray(p, jnp.float32) for n, p in init_params(cfg, 0).items()}
+    grads = {n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()}
+    state = adam_init(params, jnp)
+    state = state._replace(m={n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()},
+                           v={n: jnp.asarray(rng.random(p.shape), jnp.float32) for n, p in params.items()}, step=3)
+    assert block_rows(params) == 8
+    got = jax.jit(lambda *a: blocked_update(*a, max_grad_norm, (0.9, 0.999), 8))(params, grads, state, LR)
+    want = apply_update(jnp, params, grads, state, LR, max_grad_norm)
+    assert int(got[1].step) == want[1].step == 4
+    for i, what in enumerate(("params", "m", "v")):
+        for n in params:
+            g, w = (got[0], got[1].m, got[1].v)[i][n], (want[0], want[1].m, want[1].v)[i][n]
+            H.assert_close(np.asarray(g), np.asarray(w), "float32", f"{what} {n}")
+    narrow = dict(params, W_enc=params["W_enc"][..., :12], W_dec=params["W_dec"][:, :12])
+    assert block_rows(narrow) is None
+
+
+_FAULTS_PER_CALL = """
+import resource
+import jax, jax.numpy as jnp
+from switchsae.backends.jax import Backend
+Backend()
+f = jax.jit(lambda x: jnp.sum(jnp.outer(x, x) @ x[:, None]))  # a (4096, 4096) float32 temporary: 64 MiB
+x = jnp.ones(4096)
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_cpu_temporaries_are_reused_not_page_faulted(keep):
+    """(glibc) In a fresh process that creates the backend first, a compiled function's 64 MiB temporary
+    (16,384 pages), allocated on XLA's worker thread, is reused by the next calls: under 1,024 page
+    faults a call (`host_memory.keep_freed_cpu_memory`); with it off ($SWITCHSAE_KEEP_FREED_MEMORY=0)
+    every call faults it in again (the check can fail)."""
+    from switchsae.backends.host_memory import KEEP_FREED_ENV_VAR
+
+    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, **{KEEP_FREED_ENV_VAR: keep}))
+    faults = int(done.stdout.split()[-1])
+    assert faults < 1024 if keep == "1" else faults >= 16384, faults
