@@ -21,7 +21,10 @@ def keep_freed_cpu_memory() -> bool:
     from the main heap; a thread's own arena maps a block larger than its 64 MiB heaps whatever
     M_MMAP_MAX says, and unmaps it when freed (XLA's CPU client runs a step on a worker thread:
     ~75 k page faults, ~0.1 s, per JAX step at d 768, M 24576).  That one takes effect only for
-    threads that have not allocated yet: call this before starting them.  Process-wide; off with
+    threads that have not allocated yet: call this before starting them.  Over the first tens of
+    steps the heap still grows now and then (glibc 2.36's memalign needs more than an exactly sized
+    freed block, and XLA's buffers are 64-byte aligned) until its freed blocks cover every request.
+    Process-wide; off with
     $SWITCHSAE_KEEP_FREED_MEMORY=0.  -> whether it was applied (False without glibc, e.g. on macOS)."""
     if os.environ.get(KEEP_FREED_ENV_VAR, "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
