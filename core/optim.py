@@ -49,11 +49,21 @@ def adam_update(params: dict, grads: dict, state: AdamState, lr, xp,
 def adam_rows(p, g, m, v, step, lr, xp, betas=(0.9, 0.999), eps: float = 1e-8):
     """Adam's update of one array (or some rows of it) at global step `step` (counted from 1).
     -> (p, m, v), each in its input's dtype."""
+    m, v = adam_moments(g, m, v, xp, betas)
+    return adam_step(p, m, v, step, lr, xp, betas, eps), m, v
+
+
+def adam_moments(g, m, v, xp, betas=(0.9, 0.999)):
+    """The first half of `adam_rows`: the moments after gradient g.  -> (m, v) in their dtypes."""
+    b1, b2 = betas
+    return xp.astype(b1 * m + (1.0 - b1) * g, m.dtype), xp.astype(b2 * v + (1.0 - b2) * (g * g), v.dtype)
+
+
+def adam_step(p, m, v, step, lr, xp, betas=(0.9, 0.999), eps: float = 1e-8):
+    """The second half of `adam_rows`: p after the step, from the updated moments m, v."""
     b1, b2 = betas
     c1, c2 = 1.0 - b1**step, 1.0 - b2**step
-    m = xp.astype(b1 * m + (1.0 - b1) * g, m.dtype)
-    v = xp.astype(b2 * v + (1.0 - b2) * (g * g), v.dtype)
-    return xp.astype(p - lr * (m / c1) / (xp.sqrt(v / c2) + eps), p.dtype), m, v
+    return xp.astype(p - lr * (m / c1) / (xp.sqrt(v / c2) + eps), p.dtype)
 
 
 def latent_rows(name: str, a, xp):
@@ -113,8 +123,13 @@ def global_norm(grads: dict, xp):
     return xp.sqrt(sum(xp.sum(g * g) for g in grads.values()))
 
 
-def clip_by_global_norm(grads: dict, max_norm: float, xp) -> dict:
-    """Scale all gradients by min(1, max_norm / ||g||), as torch.nn.utils.clip_grad_norm_."""
+def clip_scale(grads: dict, max_norm: float, xp):
+    """min(1, max_norm / ||g||) over all gradients (a scalar array), as torch.nn.utils.clip_grad_norm_."""
     norm = global_norm(grads, xp)
-    scale = xp.minimum(max_norm / (norm + CLIP_EPS), xp.ones_like(norm))
+    return xp.minimum(max_norm / (norm + CLIP_EPS), xp.ones_like(norm))
+
+
+def clip_by_global_norm(grads: dict, max_norm: float, xp) -> dict:
+    """Scale all gradients by `clip_scale`, as torch.nn.utils.clip_grad_norm_."""
+    scale = clip_scale(grads, max_norm, xp)
     return {name: g * scale for name, g in grads.items()}

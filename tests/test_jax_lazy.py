@@ -145,12 +145,12 @@ def test_lazy_step_holds_no_dictionary_sized_gradient_temporary_or_moment_update
     """With AuxK live, the only dictionary-sized equations of the lazy step are views (reshape)
     and the row writes into the donated parameters and moments (scatter); on CPU its compiled
     temporaries stay under half one (M, d) float32 array.  The dense step computes its (M, d)
-    gradients and full moment updates: both checks fail there."""
+    gradients (its moments are updated in blocks on CPU, `update`): both checks fail there."""
     cfg, jaxpr, compiled = _lowered("lazy_adam", mode)
     assert _dictionary_sized(jaxpr, cfg) <= {"reshape", "scatter"}, _dictionary_sized(jaxpr, cfg)
     dictionary_bytes = 4 * cfg.n_latents * cfg.d_in
     cfg, dense_jaxpr, dense_compiled = _lowered("adam", mode)
-    assert {"mul", "sqrt", "scatter-add"} <= _dictionary_sized(dense_jaxpr, cfg)
+    assert {"mul", "scatter-add"} <= _dictionary_sized(dense_jaxpr, cfg)
     if mode == "tiles":  # compiled for this CPU
         assert compiled.memory_analysis().temp_size_in_bytes < dictionary_bytes / 2
         assert dense_compiled.memory_analysis().temp_size_in_bytes > dictionary_bytes

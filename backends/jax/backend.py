@@ -5,6 +5,8 @@ fused with ReLU and TopK under a sparse custom VJP, and a sparse decode."""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from .decode import decode_rows
 from .dispatch import choose_mode
 from .encode import encode_topk as fused_encode_topk
 from .encode import encode_topk_rows, grouped_encode
+from .update import block_rows, blocked_update
 
 
 class JaxBackend(Backend):
@@ -44,10 +47,11 @@ class JaxBackend(Backend):
     dtypes = ("float32", "bfloat16")
 
     def __init__(self, dispatch_mode: str | None = None):
-        self.dispatch_mode = choose_mode(dispatch_mode)
-        if jax.default_backend() == "cpu":
+        if _starts_on_cpu() or jax.default_backend() == "cpu":  # the first before XLA's threads start
             keep_freed_cpu_memory()  # XLA's CPU temporaries come from malloc: no page faults
+        self.dispatch_mode = choose_mode(dispatch_mode)
         self._loss_and_grads = jax.jit(self._value_and_grad, static_argnums=(2,))
+        self.blocked_update = jax.default_backend() == "cpu"  # dense Adam a block of latents at a time (`update`)
         self._trace = None  # the `lazy.StepTrace` while compile_step traces a step
         self._rows = None  # the `_RowSinks` while loss_and_row_grads traces the forward pass
 
@@ -165,6 +169,14 @@ class JaxBackend(Backend):
         trace.used, trace.bound, trace.count = jnp.asarray(used), jnp.asarray(trace.bound), count
         return out, {**grads, **{n: lazy.Rows(ids, g, count) for n, g in row_grads.items()}}
 
+    def update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
+        """On CPU (`blocked_update`), W_enc and W_dec updated a block of latents at a time, in
+        place under `compile_step` (`update` module notes); elsewhere the spec's update."""
+        rows = block_rows(params) if self.blocked_update else None
+        if rows is None:
+            return super().update(params, grads, opt_state, lr, max_grad_norm, betas)
+        return blocked_update(params, grads, opt_state, lr, max_grad_norm, betas, rows)
+
     def lazy_update(self, params, grads, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
         """Lazy Adam reading and writing the touched rows only (`lazy.lazy_update`), or the
         spec's (masked, dense) on dense gradients."""
@@ -196,6 +208,16 @@ class JaxBackend(Backend):
         """forward_fn(params, x, dead_mask=None): `core.spec.forward` with cfg and backend
         bound -> its `jax.jit` (`compile.compile_forward`)."""
         return _compile.compile_forward(forward_fn)
+
+
+def _starts_on_cpu() -> bool:
+    """Whether JAX's default backend will be the CPU, told without starting one: $JAX_PLATFORMS
+    (`jax_platforms`) names cpu first, or none is set and no accelerator (a `jax_plugins` PJRT
+    plugin, libtpu) is installed.  False where an accelerator may be the default."""
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not importlib.metadata.entry_points(group="jax_plugins") and importlib.util.find_spec("libtpu") is None
 
 
 class _RowSinks:

@@ -123,6 +123,7 @@ class ExpertParallelBackend(JaxBackend):
         if tuple(mesh.axis_names) != (DATA, EXPERT):
             raise ValueError(f"mesh axes must be {(DATA, EXPERT)}, got {tuple(mesh.axis_names)}")
         self.mesh = mesh
+        self.blocked_update = False  # its dynamic slices would gather the sharded parameters
         self.n_ep = mesh.shape[EXPERT]
         self.parallel = "expert" if self.n_ep > 1 else "data"
 
