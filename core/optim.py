@@ -62,7 +62,12 @@ def adam_moments(g, m, v, xp, betas=(0.9, 0.999)):
 def adam_step(p, m, v, step, lr, xp, betas=(0.9, 0.999), eps: float = 1e-8):
     """The second half of `adam_rows`: p after the step, from the updated moments m, v."""
     b1, b2 = betas
-    c1, c2 = 1.0 - b1**step, 1.0 - b2**step
+    return adam_step_corrected(p, m, v, 1.0 - b1**step, 1.0 - b2**step, lr, xp, eps)
+
+
+def adam_step_corrected(p, m, v, c1, c2, lr, xp, eps: float = 1e-8):
+    """`adam_step` given its bias corrections c1 = 1 - beta1^step and c2 = 1 - beta2^step (for a
+    compiled kernel that takes them as scalars rather than computing powers per element)."""
     return xp.astype(p - lr * (m / c1) / (xp.sqrt(v / c2) + eps), p.dtype)
 
 

@@ -622,15 +622,18 @@ def test_lazy_train_step_allocates_no_dictionary_sized_gradient(optimizer):
     assert rows, "the recorder missed the (touched rows, d) gradients"
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["eager_rows", "one_pass_rows"])
 @pytest.mark.parametrize("runs", [False, True], ids=["auxk_gathers", "auxk_dense_runs"])
-def test_lazy_fast_path_equals_core_lazy_update(runs, monkeypatch):
+def test_lazy_fast_path_equals_core_lazy_update(runs, one_pass, monkeypatch):
     """Three lazy steps through the row collection and the in-place row update (in blocks of 5
-    rows, so several blocks) equal core's mask-based reference (apply_lazy_update) on the same
-    torch float64 gradients, clipping active (1e-2) and not, with AuxK in either form (its dense
-    runs: every dead latent may be kept); float64: only summation order differs."""
+    rows, so several blocks), eager or in one compiled pass (`lazy._rows_step`, made to apply at
+    this size), equal core's mask-based reference (apply_lazy_update) on the same torch float64
+    gradients, clipping active (1e-2) and not, with AuxK in either form (its dense runs: every
+    dead latent may be kept); float64: only summation order differs."""
     from switchsae.core.train_step import apply_lazy_update
 
     monkeypatch.setattr(lazy, "ROW_BLOCK", 5)
+    monkeypatch.setattr(lazy, "ONE_PASS_MIN_ENTRIES", 0 if one_pass else 1 << 62)
     _auxk_as_runs(monkeypatch, runs)
     cfg = SwitchSAEConfig(d_in=16, n_latents=128, n_experts=4, k=4, auxk_coef=0.5, k_aux=32 if runs else 6,
                           encoder_bias=True, shared_latents=8, shared_k=1)
@@ -646,11 +649,25 @@ def test_lazy_fast_path_equals_core_lazy_update(runs, monkeypatch):
             ref, ref_state = apply_lazy_update(be.xp, ref, ref_grads, ref_state, 1e-2, clip)
             _, rows = be.loss_and_row_grads(fast, x, cfg, dead)
             assert isinstance(rows["W_dec"], lazy.Rows) and rows["W_dec"].ids.shape[0] < cfg.n_latents
+            assert lazy._one_pass(fast["W_dec"]) == one_pass
             fast, fast_state = be.lazy_update(fast, rows, fast_state, 1e-2, clip)
         for n in fast:
             for got, want, what in ((fast[n], ref[n], "param"), (fast_state.m[n], ref_state.m[n], "m"),
                                     (fast_state.v[n], ref_state.v[n], "v")):
                 assert_fast(got, want, f"{what} {n} (clip {clip})", 1e-12)
+
+
+def test_one_pass_rows_fall_back_when_they_cannot_compile(monkeypatch):
+    """Where torch.compile fails (no C++ compiler, say) the one-pass row update is off, with a
+    warning naming the failure, and lazy Adam takes the eager blocked update."""
+    def failing_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler.*blocked eager update"):
+        assert lazy._compiled_rows.__wrapped__() is None
 
 
 # -- arrays and devices -------------------------------------------------------------------------
