@@ -26,7 +26,8 @@ time), with one intervention (torch backend only), chosen by the run's "interven
               each step a latent's bias rises by `rate` x its expert's mean k-th act while its
               firing rate (an EMA over steps, `beta`) is below `floor` x k / m, else falls by as
               much, never below 0; over the last `fade` of the run the bias is scaled linearly to
-              0 (the evaluated model has no bias)
+              0 (the evaluated model has no bias); with `every` (and `until`) it also resamples
+              as `resample` (the latents still dead despite the bias: no act > 0 to raise)
 
     python -m experiments.dead_latents --corpus python-docs --max-texts 6000 --steps 1000 \\
         '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "balance", "coef": 1.0, "dead_only": true}'
@@ -46,6 +47,7 @@ from .paper import experiment_parser
 from .recipe_search import add_run_args, train_and_measure
 
 INTERVENTIONS = ("none", "resample", "orient", "balance", "ghost")
+TRAINER_SETTINGS = ("every", "until", "rate", "floor", "beta", "fade")  # a run's keys read by its trainer
 
 
 class ResamplingTrainer(Trainer):
@@ -250,6 +252,13 @@ class GhostTrainer(Trainer):
             self.backend.ghost = None
 
 
+def configured(bases: tuple, fields: dict) -> type:
+    """A subclass of the trainers `bases` with the class settings (`TRAINER_SETTINGS`) they
+    define taken from the run's `fields` (consumed) where given."""
+    return type("Configured", bases, {name: fields.pop(name, getattr(cls, name)) for cls in bases
+                                      for name in cls.__dict__ if name in TRAINER_SETTINGS})
+
+
 def main(argv=None) -> int:
     p = experiment_parser("dead_latents", __doc__)
     add_run_args(p, backend=False)
@@ -263,14 +272,12 @@ def main(argv=None) -> int:
             p.error(f"intervention must be one of {INTERVENTIONS}, got {kind!r}")
         backend, trainer = get_backend("torch"), Trainer
         if kind == "resample":
-            trainer = type("Resampling", (ResamplingTrainer,), {"every": fields.pop("every", 100),
-                                                                "until": fields.pop("until", 0.6)})
+            trainer = configured((ResamplingTrainer,), fields)
         elif kind == "orient":
             trainer = OrientedTrainer
         elif kind == "ghost":
             backend = ghost_backend(backend)
-            trainer = type("Ghost", (GhostTrainer,), {name: fields.pop(name, getattr(GhostTrainer, name))
-                                                      for name in ("rate", "floor", "beta", "fade")})
+            trainer = configured((ResamplingTrainer, GhostTrainer) if "every" in fields else (GhostTrainer,), fields)
         elif kind == "balance":
             backend = balancing_backend(backend, fields.pop("coef", 1.0), fields.pop("dead_only", False))
         print(json.dumps({"run": spec, **train_and_measure(fields, args, backend, trainer)}), flush=True)
