@@ -23,10 +23,11 @@ time), with one intervention (torch backend only), chosen by the run's "interven
     ghost     auxiliary-loss-free balancing of the latents (DeepSeek-V3's expert bias, per latent):
               the main TopK chooses by acts + bias wherever acts > 0, the kept values stay the
               acts (the bias changes which latents are chosen, never a value or a gradient);
-              each step a latent's bias rises by `rate` x its expert's mean k-th act while its
+              each step a latent's bias rises by `rate` x its expert's mean smallest kept act while its
               firing rate (an EMA over steps, `beta`) is below `floor` x k / m, else falls by as
-              much, never below 0; over the last `fade` of the run the bias is scaled linearly to
-              0 (the evaluated model has no bias); with `every` (and `until`) it also resamples
+              much, never below 0; over the `fade` of the run before its last `off` the bias is
+              scaled linearly to 0, and the last `off` trains without it (the evaluated model
+              has no bias); with `every` (and `until`) it also resamples
               as `resample` (the latents still dead despite the bias: no act > 0 to raise)
 
     python -m experiments.dead_latents --corpus python-docs --max-texts 6000 --steps 1000 \\
@@ -47,7 +48,7 @@ from .paper import experiment_parser
 from .recipe_search import add_run_args, train_and_measure
 
 INTERVENTIONS = ("none", "resample", "orient", "balance", "ghost")
-TRAINER_SETTINGS = ("every", "until", "rate", "floor", "beta", "fade")  # a run's keys read by its trainer
+TRAINER_SETTINGS = ("every", "until", "rate", "floor", "beta", "fade", "off")  # a run's keys read by its trainer
 
 
 class ResamplingTrainer(Trainer):
@@ -232,15 +233,17 @@ def ghost_backend(backend):
 
 
 class GhostTrainer(Trainer):
-    """`Trainer` that keeps the backend's `GhostBias` (`ghost`) and fades it over the last `fade`."""
+    """`Trainer` that keeps the backend's `GhostBias` (`ghost`), fades it out over the `fade` of
+    the run before its last `off` and trains that last `off` without it."""
 
-    rate, floor, beta, fade = 0.01, 0.1, 0.9, 0.2
+    rate, floor, beta, fade, off = 0.01, 0.1, 0.9, 0.2, 0.0
 
     def _update(self, step_fn, x_np):
         if self.backend.ghost is None:
             self.backend.ghost = GhostBias(self.cfg, self.rate, self.floor, self.beta, self.params["b_pre"].device)
-        ghost, start = self.backend.ghost, (1 - self.fade) * self.tc.steps
-        ghost.scale = 1.0 if self.step < start else max(0.0, (self.tc.steps - self.step - 1) / max(self.tc.steps - start, 1))
+        ghost, stop = self.backend.ghost, (1 - self.off) * self.tc.steps
+        start = stop - self.fade * self.tc.steps
+        ghost.scale = 1.0 if self.step < start else max(0.0, (stop - self.step - 1) / max(stop - start, 1))
         x, lr, out = super()._update(step_fn, x_np)
         ghost.update(out)
         return x, lr, out
