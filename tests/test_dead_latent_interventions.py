@@ -157,3 +157,25 @@ def test_ghost_bias_changes_the_choice_not_the_values_and_rises_only_while_rare(
     local = out2.top_indices - out2.expert[:, None] * m
     gate = out2.router_probs.gather(1, out2.expert[:, None])
     torch.testing.assert_close(out2.top_values, torch.gather(acts, 1, local) * gate)
+
+
+def test_ghost_trainer_fades_the_bias_out_before_its_off_tail_and_leaves_evaluation_plain():
+    from switchsae import TrainConfig
+    from switchsae.data import ArraySource
+
+    data = np.random.default_rng(6).normal(size=(512, 8)).astype("float32")
+    scales = []
+
+    class Recording(dead_latents.GhostTrainer):
+        fade, off = 0.4, 0.2
+
+        def _update(self, step_fn, x_np):
+            out = super()._update(step_fn, x_np)
+            scales.append(self.backend.ghost.scale)
+            return out
+
+    backend = dead_latents.ghost_backend(Backend("cpu"))
+    Recording(CFG, TrainConfig(steps=10, batch_size=64), ArraySource(data, 64), backend, progress=False).run()
+    # steps 0-3 full bias; 4-7 the fade (stop 8, start 4): (8 - step - 1) / 4; the off tail 0
+    assert scales == [1.0] * 4 + [0.75, 0.5, 0.25, 0.0] + [0.0] * 2
+    assert backend.ghost is None  # the run's model is evaluated without the bias
