@@ -28,7 +28,8 @@ time), with one intervention (torch backend only), chosen by the run's "interven
               much, never below 0; over the `fade` of the run before its last `off` the bias is
               scaled linearly to 0, and the last `off` trains without it (the evaluated model
               has no bias); with `every` (and `until`) it also resamples
-              as `resample` (the latents still dead despite the bias: no act > 0 to raise)
+              as `resample` (the latents still dead despite the bias: no act > 0 to raise), and
+              with `coef` (and `dead_only`) it adds `balance`'s loss
 
     python -m experiments.dead_latents --corpus python-docs --max-texts 6000 --steps 1000 \\
         '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "balance", "coef": 1.0, "dead_only": true}'
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
             trainer = OrientedTrainer
         elif kind == "ghost":
             backend = ghost_backend(backend)
+            if "coef" in fields:
+                backend = balancing_backend(backend, fields.pop("coef"), fields.pop("dead_only", False))
             trainer = configured((ResamplingTrainer, GhostTrainer) if "every" in fields else (GhostTrainer,), fields)
         elif kind == "balance":
             backend = balancing_backend(backend, fields.pop("coef", 1.0), fields.pop("dead_only", False))
