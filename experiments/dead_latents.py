@@ -33,6 +33,9 @@ time), with one intervention (torch backend only), chosen by the run's "interven
 
     python -m experiments.dead_latents --corpus python-docs --max-texts 6000 --steps 1000 \\
         '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "balance", "coef": 1.0, "dead_only": true}'
+        '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "ghost", "rate": 0.3, "floor": 0.3}'
+
+(runs and their figures: docs/results/ghost/)
 """
 
 from __future__ import annotations
