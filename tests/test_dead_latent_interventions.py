@@ -120,3 +120,62 @@ def test_dead_only_balancing_changes_only_the_dead_latents_encoder_gradient():
     _, full = dead_latents.balancing_backend(be, 1.0, dead_only=False).loss_and_grads(params, x, CFG, dead)
     assert (full["W_enc"] - base["W_enc"]).abs().sum(1).reshape(-1)[~dead].any()
     assert not torch.equal(full["b_pre"], base["b_pre"])
+
+
+def test_ghost_with_zero_bias_is_the_backends_own_loss_and_gradients():
+    be, _, params, x = _setup(4)
+    dead = torch.zeros(CFG.total_latents, dtype=torch.bool)
+    dead[[0, 3, 8, 9, 17]] = True
+    ghost = dead_latents.ghost_backend(be)
+    ghost.ghost = dead_latents.GhostBias(CFG, 0.01, 0.1, 0.9, "cpu")
+    for mask in (None, dead):
+        out, grads = be.loss_and_grads(params, x, CFG, mask)
+        g_out, g_grads = ghost.loss_and_grads(params, x, CFG, mask)
+        assert torch.equal(g_out.top_indices, out.top_indices)
+        for name in grads:  # the same sums in another order: float32 rounding
+            torch.testing.assert_close(g_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_out.losses["total"], out.losses["total"], rtol=1e-6, atol=0)
+
+
+def test_ghost_bias_changes_the_choice_not_the_values_and_rises_only_while_rare():
+    be, _, params, x = _setup(5)
+    ghost = dead_latents.ghost_backend(be)
+    bias = dead_latents.GhostBias(CFG, 0.5, 0.5, 0.0, "cpu")
+    ghost.ghost = bias
+    out = ghost.loss_and_grads(params, x, CFG)[0]
+    bias.update(out)
+    m = CFG.expert_width
+    fired = torch.zeros(CFG.n_latents)
+    fired.index_add_(0, out.top_indices.flatten(), (out.top_values != 0).flatten().float())
+    tokens = torch.bincount(out.expert, minlength=CFG.n_experts).float()
+    rare = (fired.view(3, m) / tokens[:, None]) < 0.5 * CFG.k / m  # beta 0: this step's rate
+    assert ((bias.bias > 0) == rare).all() and rare.any() and (~rare).any()
+    out2 = ghost.loss_and_grads(params, x, CFG)[0]
+    assert not torch.equal(out2.top_indices, out.top_indices)
+    centered = x - params["b_pre"]
+    acts = torch.stack([(centered[t] @ params["W_enc"][out2.expert[t]]).clamp(min=0) for t in range(len(x))])
+    local = out2.top_indices - out2.expert[:, None] * m
+    gate = out2.router_probs.gather(1, out2.expert[:, None])
+    torch.testing.assert_close(out2.top_values, torch.gather(acts, 1, local) * gate)
+
+
+def test_ghost_trainer_fades_the_bias_out_before_its_off_tail_and_leaves_evaluation_plain():
+    from switchsae import TrainConfig
+    from switchsae.data import ArraySource
+
+    data = np.random.default_rng(6).normal(size=(512, 8)).astype("float32")
+    scales = []
+
+    class Recording(dead_latents.GhostTrainer):
+        fade, off = 0.4, 0.2
+
+        def _update(self, step_fn, x_np):
+            out = super()._update(step_fn, x_np)
+            scales.append(self.backend.ghost.scale)
+            return out
+
+    backend = dead_latents.ghost_backend(Backend("cpu"))
+    Recording(CFG, TrainConfig(steps=10, batch_size=64), ArraySource(data, 64), backend, progress=False).run()
+    # steps 0-3 full bias; 4-7 the fade (stop 8, start 4): (8 - step - 1) / 4; the off tail 0
+    assert scales == [1.0] * 4 + [0.75, 0.5, 0.25, 0.0] + [0.0] * 2
+    assert backend.ghost is None  # the run's model is evaluated without the bias
