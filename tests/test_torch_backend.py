@@ -657,6 +657,16 @@ def test_lazy_fast_path_equals_core_lazy_update(runs, one_pass, monkeypatch):
                 assert_fast(got, want, f"{what} {n} (clip {clip})", 1e-12)
 
 
+def test_one_pass_rows_can_be_turned_off(monkeypatch):
+    """$SWITCHSAE_ONE_PASS_ROWS=0 keeps lazy Adam on the eager update (no torch.compile) at any size."""
+    monkeypatch.setattr(lazy, "ONE_PASS_MIN_ENTRIES", 0)
+    W_dec = torch.zeros(2, 4, 8)
+    monkeypatch.setenv(lazy.ONE_PASS_ENV_VAR, "0")
+    assert not lazy._one_pass(W_dec)
+    monkeypatch.setenv(lazy.ONE_PASS_ENV_VAR, "1")
+    assert lazy._one_pass(W_dec)
+
+
 def test_one_pass_rows_fall_back_when_they_cannot_compile(monkeypatch):
     """Where torch.compile fails (no C++ compiler, say) the one-pass row update is off, with a
     warning naming the failure, and lazy Adam takes the eager blocked update."""

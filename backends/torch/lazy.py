@@ -9,6 +9,7 @@ patterns touch, to a `RowGradients` collector instead of scattering them into (N
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ ROW_BLOCK = 4096  # rows updated at a time: p, m, v of W_enc and W_dec of a bloc
 # disk by Inductor) and makes a lazy step ~27 % faster from 2^16 latents at d 384 on (measured:
 # bench.scale_sweep's config, one thread; 6 % at 2^14)
 ONE_PASS_MIN_ENTRIES = 1 << 24
+ONE_PASS_ENV_VAR = "SWITCHSAE_ONE_PASS_ROWS"
 
 
 class Rows(NamedTuple):
@@ -170,8 +172,11 @@ def _as_rows(grads: dict) -> dict:
 
 def _one_pass(W_dec) -> bool:
     """Whether this dictionary's rows are updated in one compiled pass (`_rows_step`): CPU, at least
-    ONE_PASS_MIN_ENTRIES entries, and torch.compile works here (see `_compiled_rows`)."""
-    return W_dec.device.type == "cpu" and W_dec.numel() >= ONE_PASS_MIN_ENTRIES and _compiled_rows() is not None
+    ONE_PASS_MIN_ENTRIES entries, not turned off ($SWITCHSAE_ONE_PASS_ROWS=0: no torch.compile, whose
+    Inductor writes its generated code to its cache, /tmp/torchinductor_$USER unless
+    $TORCHINDUCTOR_CACHE_DIR says otherwise), and torch.compile works here (see `_compiled_rows`)."""
+    return (W_dec.device.type == "cpu" and W_dec.numel() >= ONE_PASS_MIN_ENTRIES
+            and os.environ.get(ONE_PASS_ENV_VAR, "1") != "0" and _compiled_rows() is not None)
 
 
 def _rows_step(p, m, v, ids, g, hyper, decoder: bool) -> None:
