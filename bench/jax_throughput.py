@@ -52,7 +52,7 @@ def measure_one(backend_name: str, n_experts: int, optimizer: str, dead: bool, s
     params = {n: be.asarray(p, cfg.dtype) for n, p in init_params(cfg, 0).items()}
     x = be.asarray(rng.normal(size=(batch, cfg.d_in)), cfg.dtype)
     dead_mask = be.asarray(rng.random(cfg.total_latents) < DEAD_FRACTION) if dead else None
-    step_fn = be.compile_step(lambda p, s, xs, lr, dm: train_step(be, cfg, p, s, xs, lr, dm, tc.max_grad_norm,
+    step_fn = be.compile_step(lambda p, s, xs, lr, dm, sb: train_step(be, cfg, p, s, xs, lr, dm, sb, max_grad_norm=tc.max_grad_norm,
                                                                   optimizer=optimizer))
     lr = tc.learning_rate(cfg)
     box = [params, adam_init(params, be.xp), be.asarray(np.zeros(cfg.total_latents, np.float32))]

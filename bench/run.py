@@ -57,7 +57,7 @@ def grid(name: str, backend_name: str, batch: int | None = None, d_in: int | Non
 def matmul_peak(backend, dtype: str, size: int, repeats: int = 5) -> dict:
     """FLOP/s of a (size, size) @ (size, size) product on this backend: the roofline ceiling."""
     a, b = _peak_operands(backend, dtype, size)
-    matmul = backend.compile_forward(lambda a, b, _=None: a @ b)
+    matmul = backend.compile_forward(lambda a, b, *_: a @ b)
     t = measure(lambda: matmul(a, b), backend, warmup=2, repeats=repeats)
     return {"size": size, "flop_per_s": 2 * size**3 / t["median_s"], **t}
 
@@ -87,8 +87,8 @@ def _model(backend, cfg, batch: int):
 def time_config(backend, cfg: SwitchSAEConfig, batch: int, repeats: int) -> dict:
     """Encode, forward and train-step timings of one config, with FLOP rates and memory."""
     params, x = _model(backend, cfg, batch)
-    encode = backend.compile_forward(lambda p, x, _=None: spec.encode(p, x, cfg, backend).top_values)
-    forward = backend.compile_forward(lambda p, x, _=None: spec.forward(p, x, cfg, backend).x_hat)
+    encode = backend.compile_forward(lambda p, x, *_: spec.encode(p, x, cfg, backend).top_values)
+    forward = backend.compile_forward(lambda p, x, *_: spec.forward(p, x, cfg, backend).x_hat)
     record = {"n_experts": cfg.n_experts, "n_latents": cfg.n_latents, "d_in": cfg.d_in, "k": cfg.k,
               "batch": batch, "dtype": cfg.dtype}
     for name, fn in (("encode", encode), ("forward", forward)):

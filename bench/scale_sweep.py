@@ -59,7 +59,7 @@ def measure_size(log2_m: int, optimizer: str, device: str, dtype: str, threads: 
     box = [params, state, counter]
 
     def step():
-        p, s, out = train_step(be, cfg, box[0], box[1], x, lr, dead, tc.max_grad_norm, optimizer=tc.optimizer)
+        p, s, out = train_step(be, cfg, box[0], box[1], x, lr, dead, max_grad_norm=tc.max_grad_norm, optimizer=tc.optimizer)
         box[:] = [p, s, update_tokens_since_fired(box[2], out.top_indices, out.top_values, be)]
         return out.losses["total"]
 

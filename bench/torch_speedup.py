@@ -44,8 +44,8 @@ class NaiveBackend(TorchBackend):
 
     name = "torch-naive"
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        if dead_mask is not None or cfg.experts_per_token != 1 or cfg.shared_latents or cfg.encoder_bias:
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+        if dead_mask is not None or select_bias is not None or cfg.experts_per_token != 1 or cfg.shared_latents or cfg.encoder_bias:
             raise NotImplementedError("the naive baseline covers the paper's plain Switch SAE only")
         return self.differentiate(params, lambda p: self._forward(p, x, cfg))
 

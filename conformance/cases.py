@@ -19,6 +19,7 @@ class Case:
     params: dict
     x: np.ndarray
     dead_mask: np.ndarray | None = None
+    select_bias: np.ndarray | None = None  # (N, m), the main TopK's selection bias
 
 
 def _base(name, seed=0, batch=48, d=16, **cfg_kw):
@@ -82,6 +83,25 @@ def all_variants() -> Case:
     return Case("all_variants", cfg, params, x, dead_mask=rng.random(cfg.total_latents) < 0.4)
 
 
+def _selection_bias(cfg, rng):
+    """Half the latents biased by up to about the k-th act (acts here are ~0.1-0.5), the rest 0."""
+    shape = (cfg.n_experts, cfg.expert_width)
+    return np.where(rng.random(shape) < 0.5, 0.4 * rng.random(shape), 0.0)
+
+
+def selection_bias() -> Case:
+    """The main TopK chosen with a selection bias (`core.selection_bias`)."""
+    cfg, params, x, rng = _base("selection_bias", seed=7, encoder_bias=True)
+    return Case("selection_bias", cfg, params, x, select_bias=_selection_bias(cfg, rng))
+
+
+def selection_bias_auxk() -> Case:
+    """The selection bias with AuxK on (the fused encode chooses both) and the hard router."""
+    cfg, params, x, rng = _base("selection_bias_auxk", seed=9, auxk_coef=0.5, k_aux=6, router_scale="hard")
+    return Case("selection_bias_auxk", cfg, params, x, dead_mask=rng.random(cfg.total_latents) < 0.4,
+                select_bias=_selection_bias(cfg, rng))
+
+
 def build(name: str) -> Case:
     simple = {
         "base": {},
@@ -96,12 +116,13 @@ def build(name: str) -> Case:
         cfg, params, x, _ = _base(name, seed=5 + len(name), **simple[name])
         return Case(name, cfg, params, x)
     named = {"empty_expert": empty_expert, "one_expert": one_expert, "ties": ties, "auxk": auxk,
-             "all_variants": all_variants}
+             "all_variants": all_variants, "selection_bias": selection_bias,
+             "selection_bias_auxk": selection_bias_auxk}
     return named[name]()
 
 
 CASE_NAMES = [
     "base", "k_equals_m", "single_expert", "encoder_bias", "hard_router",
     "empty_expert", "one_expert", "ties", "auxk",
-    "shared_expert", "two_experts_per_token", "all_variants",
+    "shared_expert", "two_experts_per_token", "all_variants", "selection_bias", "selection_bias_auxk",
 ]

@@ -30,15 +30,16 @@ def native(backend, case, dtype):
     params = {n: backend.asarray(p, dtype) for n, p in case.params.items()}
     x = backend.asarray(case.x, dtype)
     dead = None if case.dead_mask is None else backend.asarray(case.dead_mask)
-    return params, x, dead
+    bias = None if case.select_bias is None else backend.asarray(case.select_bias, dtype)
+    return params, x, dead, bias
 
 
 def forward(backend_name: str, case, dtype: str) -> dict:
     """Forward outputs of `case` on a backend in `dtype`, as float64 NumPy."""
     backend = load_backend(backend_name)
     cfg = case.cfg.replace(dtype=dtype)
-    params, x, dead = native(backend, case, dtype)
-    out = spec.forward(params, x, cfg, backend, dead)
+    params, x, dead, bias = native(backend, case, dtype)
+    out = spec.forward(params, x, cfg, backend, dead, bias)
     result = {f: to_np(backend, getattr(out, f)) for f in ("x_hat", "router_probs", "top_values")}
     result["expert"] = np.asarray(backend.to_numpy(out.expert)).astype(np.int64)
     result["top_indices"] = np.asarray(backend.to_numpy(out.top_indices)).astype(np.int64)
@@ -48,8 +49,8 @@ def forward(backend_name: str, case, dtype: str) -> dict:
 
 def gradients(backend_name: str, case, dtype: str) -> dict:
     backend = load_backend(backend_name)
-    params, x, dead = native(backend, case, dtype)
-    _, grads = backend.loss_and_grads(params, x, case.cfg.replace(dtype=dtype), dead)
+    params, x, dead, bias = native(backend, case, dtype)
+    _, grads = backend.loss_and_grads(params, x, case.cfg.replace(dtype=dtype), dead, bias)
     return {n: to_np(backend, g) for n, g in grads.items()}
 
 
@@ -59,14 +60,14 @@ def trajectory(backend_name: str, case, dtype: str, steps: int, lr: float, seed:
     batches -> (per-step total loss, final params)."""
     backend = load_backend(backend_name)
     cfg = case.cfg.replace(dtype=dtype)
-    params, _, dead = native(backend, case, dtype)
+    params, _, dead, bias = native(backend, case, dtype)
     opt = adam_init(params, backend.xp)
     step = backend.compile_step(functools.partial(train_step, backend, cfg, optimizer=optimizer))
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
         batch = case.x + 0.3 * rng.normal(size=case.x.shape)
-        params, opt, out = step(params, opt, backend.asarray(batch, dtype), lr, dead)
+        params, opt, out = step(params, opt, backend.asarray(batch, dtype), lr, dead, bias)
         losses.append(float(to_np(backend, out.losses["total"])))
     return np.array(losses), {n: to_np(backend, p) for n, p in params.items()}
 
@@ -77,13 +78,13 @@ def warm_step(backend_name: str, case, dtype: str, lr: float, optimizer: str, st
     -> (before, after): each (params, m, v) as float64 NumPy."""
     backend = load_backend(backend_name)
     cfg = case.cfg.replace(dtype=dtype)
-    params, x, dead = native(backend, case, dtype)
+    params, x, dead, bias = native(backend, case, dtype)
     rng = np.random.default_rng(seed)
     m = {n: backend.asarray(1e-2 * rng.normal(size=p.shape), dtype) for n, p in case.params.items()}
     v = {n: backend.asarray(1e-4 * rng.random(size=p.shape), dtype) for n, p in case.params.items()}
     before = tuple({n: to_np(backend, a) for n, a in t.items()} for t in (params, m, v))
     step = backend.compile_step(functools.partial(train_step, backend, cfg, optimizer=optimizer))
-    params, opt, _ = step(params, AdamState(start, m, v), x, lr, dead)
+    params, opt, _ = step(params, AdamState(start, m, v), x, lr, dead, bias)
     return before, tuple({n: to_np(backend, a) for n, a in t.items()} for t in (params, opt.m, opt.v))
 
 

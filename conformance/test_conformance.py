@@ -27,7 +27,7 @@ def reference(name):
     ref = H.forward("numpy", c, "float64")
     ref["grads"] = H.gradients("numpy", c, "float64")
     numpy = load_backend("numpy")
-    ref["trace"] = spec.trace(c.params, c.x, c.cfg, numpy, c.dead_mask)
+    ref["trace"] = spec.trace(c.params, c.x, c.cfg, numpy, c.dead_mask, select_bias=c.select_bias)
     return ref
 
 
@@ -68,7 +68,8 @@ def test_forward_matches_reference(backend, name, dtype):
 
 def _check_topk(got, ref, c, dtype):
     """Values equal; indices inside the chosen expert; the chosen set is a valid top-k of the
-    reference activations; equal to the reference's set wherever no tie sits at the k-th value."""
+    reference activations (with a selection bias: of acts + bias where acts > 0); equal to the
+    reference's set wherever no tie sits at the k-th score."""
     m, k = c.cfg.expert_width, c.cfg.k
     expert = ref["expert"]
     got_idx, ref_idx = got["top_indices"], ref["top_indices"]
@@ -78,7 +79,8 @@ def _check_topk(got, ref, c, dtype):
     acts = ref["trace"].acts
     picked = np.take_along_axis(acts, got_idx - expert[:, None] * m, axis=-1) * gate
     H.assert_close(np.sort(picked, -1), np.sort(ref["top_values"], -1), dtype, "values at chosen indices")
-    ordered = -np.sort(-acts, axis=-1)
+    score = acts if c.select_bias is None else np.where(acts > 0, acts + c.select_bias[expert], acts)
+    ordered = -np.sort(-score, axis=-1)
     boundary_gap = ordered[:, k - 1] - (ordered[:, k] if k < m else -np.inf)
     distinct = (boundary_gap > 1e-3) & (ordered[:, k - 1] > 0)
     same = [set(a) == set(b) for a, b in zip(got_idx[distinct], ref_idx[distinct])]

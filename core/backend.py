@@ -8,7 +8,7 @@ import numpy as np
 from .config import DTYPES
 from .experts import decode_reference, encode_reference, relu
 from .parallel import BatchStatistics, batch_rows
-from .topk import topk_reference
+from .topk import biased_topk, topk_reference
 
 
 class Backend:
@@ -56,14 +56,15 @@ class Backend:
         """The whole batch's statistics for the loss of this process's slice (`core.spec.trace`)."""
         return BatchStatistics(self.all_sum, self.world_size)
 
-    def dispatch(self, run, x, gates, experts, dead, n_experts: int):
-        """Run the chosen experts on the tokens: -> `run(x, gates, experts, dead)`, a
+    def dispatch(self, run, x, gates, experts, dead, n_experts: int, select_bias=None):
+        """Run the chosen experts on the tokens: -> `run(x, gates, experts, dead, select_bias)`, a
         `core.spec.Experts` for these tokens in their order.  x: (batch, d); gates, experts:
-        (batch, e) of N = n_experts; dead: (N, m) bool, the routed dead mask by expert, or None.  Expert
-        parallelism sends each token to the process that owns its expert, calls `run` there on
-        the tokens it received (with that process's experts and rows of `dead`) and sends the
-        results back: only the exchange, the spec computes the rest."""
-        return run(x, gates, experts, dead)
+        (batch, e) of N = n_experts; dead: (N, m) bool, the routed dead mask by expert, or None;
+        select_bias: (N, m), the main TopK's selection bias by expert (`core.selection_bias`), or
+        None.  Expert parallelism sends each token to the process that owns its expert, calls
+        `run` there on the tokens it received (with that process's experts and rows of `dead` and
+        `select_bias`) and sends the results back: only the exchange, the spec computes the rest."""
+        return run(x, gates, experts, dead, select_bias)
 
     def local_backend(self) -> Backend:
         """The one-process backend computing as this one does here (this one when not parallel):
@@ -117,27 +118,33 @@ class Backend:
         """x_centered: (batch, d), W_enc: (N, d, m), expert: (batch,) -> pre-activations (batch, m)."""
         return encode_reference(x_centered, W_enc, b_enc, expert, self.xp)
 
-    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
+    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, select_bias=None):
         """`encode` of x - b_pre, relu and `topk` in one hook, so that a backend can fuse them
         (and give the encoder a backward that touches only the k kept latents).  x: (batch, d);
-        b_pre: (d,); the rest as `encode` -> acts (batch, m) = relu(pre-activations), which a
-        backend may return as None when not keep_acts; values, indices: (batch, k) = topk(acts)."""
+        b_pre: (d,); the rest as `encode`; select_bias: (N, m) >= 0 or None: the TopK is chosen
+        by `topk.biased_topk` with each token's expert's row -> acts (batch, m) = relu(pre-
+        activations), which a backend may return as None when not keep_acts; values, indices:
+        (batch, k) = topk(acts) (values gathered from acts, gradient as without bias)."""
+        xp = self.xp
         acts = relu(self.encode(x - b_pre, W_enc, b_enc, expert), self.xp)
-        values, indices = self.topk(acts, k)
+        if select_bias is None:
+            values, indices = self.topk(acts, k)
+        else:
+            values, indices = biased_topk(acts, xp.take(select_bias, expert, axis=0), k, self.topk, xp)
         return acts, values, indices
 
     def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int,
-                        keep_acts: bool = True):
+                        keep_acts: bool = True, select_bias=None):
         """`encode_topk` plus AuxK's selection from the same activations, so that a backend can
         choose both in one pass (and keep AuxK's backward as sparse as the main one).
         dead: (N, m) bool, the routed latents that count as dead -> acts, values, indices as
-        `encode_topk`; aux_values, aux_indices: (batch, j), j <= aux_k: the top aux_k of acts
-        masked to the token's expert's dead latents (local ids), in any order (this reference:
-        descending).  Entries that are not a row's positive masked acts have value 0: they
-        decode to nothing and carry no gradient, so a backend may give them any index and drop
-        the columns that are 0 in every row (1 <= j)."""
+        `encode_topk` (select_bias biases the main TopK only); aux_values, aux_indices: (batch,
+        j), j <= aux_k: the top aux_k of acts masked to the token's expert's dead latents (local
+        ids), in any order (this reference: descending).  Entries that are not a row's positive
+        masked acts have value 0: they decode to nothing and carry no gradient, so a backend may
+        give them any index and drop the columns that are 0 in every row (1 <= j)."""
         xp = self.xp
-        acts, values, indices = self.encode_topk(x, b_pre, W_enc, b_enc, expert, k, True)
+        acts, values, indices = self.encode_topk(x, b_pre, W_enc, b_enc, expert, k, True, select_bias)
         dead_acts = xp.where(xp.take(dead, expert, axis=0), acts, xp.zeros_like(acts))
         aux_values, aux_indices = self.topk(dead_acts, aux_k)
         return (acts if keep_acts else None), values, indices, aux_values, aux_indices
@@ -168,8 +175,9 @@ class Backend:
         return a
 
     # -- training -------------------------------------------------------------------------
-    def loss_and_grads(self, params: dict, x, cfg, dead_mask=None):
-        """-> (ForwardOutput, grads: dict name -> array like params)."""
+    def loss_and_grads(self, params: dict, x, cfg, dead_mask=None, select_bias=None):
+        """x: (batch, d); dead_mask: (total_latents,) bool or None; select_bias: (N, m) or None
+        (`core.spec.trace`) -> (ForwardOutput, grads: dict name -> array like params)."""
         raise NotImplementedError
 
     def update(self, params: dict, grads: dict, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
@@ -186,11 +194,11 @@ class Backend:
         run did; as they are by default."""
         return arrays
 
-    def loss_and_row_grads(self, params: dict, x, cfg, dead_mask=None):
+    def loss_and_row_grads(self, params: dict, x, cfg, dead_mask=None, select_bias=None):
         """`loss_and_grads` for lazy Adam: the gradients of the latent-row parameters
         (`core.optim.LATENT_ROW_PARAMS`) may come as dense arrays (this default) or in a form of
         the backend's own that only its `lazy_update` reads (e.g. the touched rows alone)."""
-        return self.loss_and_grads(params, x, cfg, dead_mask)
+        return self.loss_and_grads(params, x, cfg, dead_mask, select_bias)
 
     def lazy_update(self, params: dict, grads: dict, opt_state, lr, max_grad_norm=1.0, betas=(0.9, 0.999)):
         """`update` with lazy Adam (`core.train_step.apply_lazy_update`) on the gradients of
@@ -204,7 +212,8 @@ class Backend:
         return step_fn
 
     def compile_forward(self, forward_fn):
-        """Wrap a pure forward function (params, x, dead_mask=None) for speed; identity by default."""
+        """Wrap a pure forward function (params, x, dead_mask=None, select_bias=None) for speed;
+        identity by default."""
         return forward_fn
 
     def block_until_ready(self, tree):

@@ -26,11 +26,18 @@ def update_tokens_since_fired(counter, top_indices, top_values, backend, seen=No
     equal on every process: reset where any process fired a latent with a non-zero value,
     else advanced by `seen` (backend.all_sum sums the (M,) hit counts)."""
     xp = backend.xp
-    flat_idx = xp.reshape(top_indices, (-1,))
-    fired = xp.astype(xp.reshape(top_values, (-1,)) != 0, counter.dtype)
-    hits = backend.all_sum(backend.scatter_add(xp.zeros_like(counter), flat_idx, fired))
+    hits = fire_counts(xp.zeros_like(counter), top_indices, top_values, backend)
     step = top_indices.shape[0] * backend.world_size if seen is None else xp.astype(seen, counter.dtype)
     return xp.where(hits > 0, xp.zeros_like(counter), counter + step)
+
+
+def fire_counts(zeros, top_indices, top_values, backend):
+    """zeros: (L,) float, one per latent of the ids; top_indices/values: (batch / R, k) this
+    process's tokens -> (L,) how often each latent fired (a non-zero kept value) in the whole
+    batch, summed over the processes."""
+    xp = backend.xp
+    fired = xp.astype(xp.reshape(top_values, (-1,)) != 0, zeros.dtype)
+    return backend.all_sum(backend.scatter_add(zeros, xp.reshape(top_indices, (-1,)), fired))
 
 
 def dead_mask(counter, dead_tokens: int):

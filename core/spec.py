@@ -101,36 +101,42 @@ def route(params: dict, x, cfg, backend):
     return probs, experts, gates_of(probs, experts, cfg.router_scale, xp)
 
 
-def encode_experts(params: dict, x, gates, experts, cfg, backend, keep_acts: bool = True):
+def encode_experts(params: dict, x, gates, experts, cfg, backend, keep_acts: bool = True, select_bias=None):
     """Run the chosen experts' encoders and keep the top k_routed gated candidates.
-    x: (T, d); gates, experts: (T, e), indices into params' expert axis -> (acts (T, e*m) or
-    None where the backend skips it and not keep_acts, values, candidate positions (T, k_routed))."""
+    x: (T, d); gates, experts: (T, e), indices into params' expert axis; select_bias: (experts
+    in params, m) or None, the main TopK's selection bias (top-1 routing only) -> (acts (T, e*m)
+    or None where the backend skips it and not keep_acts, values, candidate positions (T, k_routed))."""
     xp, e, m = backend.xp, cfg.experts_per_token, cfg.expert_width
     W_enc, b_enc = params["W_enc"], params.get("b_enc")
     if e == 1:  # the gate is a positive per-token scalar: TopK of the expert's acts, then gate
         acts, kept, cand_indices = backend.encode_topk(x, params["b_pre"], W_enc, b_enc, experts[:, 0],
-                                                         cfg.routed_k, keep_acts)
+                                                         cfg.routed_k, keep_acts, select_bias)
         return acts, kept * gates, cand_indices
+    if select_bias is not None:
+        raise ValueError(f"the selection bias needs experts_per_token = 1, got {e}")
     x_centered = x - params["b_pre"]
     acts = relu(xp.concat([backend.encode(x_centered, W_enc, b_enc, experts[:, j]) for j in range(e)],
                           axis=-1), xp)
     return (acts, *gated_topk(acts, gates, cfg.routed_k, m, backend))
 
 
-def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: bool = True) -> Experts:
+def run_experts(params: dict, x, gates, experts, dead, cfg, backend, keep_acts: bool = True,
+                select_bias=None) -> Experts:
     """The chosen experts on their tokens: encode, TopK, decode, and AuxK's dead-latent TopK and
     decode.  x: (T, d); gates, experts: (T, e), experts indexing params' expert axis (all N, or
     a process's own under expert parallelism); dead: (experts in params, m) bool, the routed
-    dead mask by expert, or None without AuxK."""
+    dead mask by expert, or None without AuxK; select_bias: (experts in params, m), the main
+    TopK's selection bias by expert (`core.selection_bias`), or None."""
     xp, m = backend.xp, cfg.expert_width
     table = xp.reshape(params["W_dec"], (-1, cfg.d_in))
     if dead is not None and experts.shape[1] == 1:  # AuxK chosen in the fused encode (same acts)
         acts, kept, cand, aux_kept, aux_cand = backend.encode_topk_aux(
             x, params["b_pre"], params["W_enc"], params.get("b_enc"), experts[:, 0], cfg.routed_k, dead,
-            cfg.aux_k, keep_acts)
+            cfg.aux_k, keep_acts, select_bias)
         values, aux_values = kept * gates, aux_kept * gates
     else:
-        acts, values, cand = encode_experts(params, x, gates, experts, cfg, backend, keep_acts or dead is not None)
+        acts, values, cand = encode_experts(params, x, gates, experts, cfg, backend, keep_acts or dead is not None,
+                                            select_bias)
     ids = global_ids(cand, experts, m, xp)
     if dead is None:
         return Experts(values, cand, backend.decode(values, ids, table), acts)
@@ -158,10 +164,13 @@ def encode(params: dict, x, cfg, backend, keep_intermediates: bool = True) -> En
                     top_values, top_indices, shared_pre, shared_indices)
 
 
-def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: bool = True) -> Trace:
+def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: bool = True,
+          select_bias=None) -> Trace:
     """Run the spec on `backend`'s arrays, keeping intermediates.
-    dead_mask: (total_latents,) bool or None; AuxK uses its routed part.  Without
-    keep_intermediates, Trace.x_centered and Trace.acts may be None (see `encode`).
+    dead_mask: (total_latents,) bool or None; AuxK uses its routed part.  select_bias: (N, m)
+    >= 0 or None: the routed experts' main TopK keeps the k largest acts + bias where acts > 0
+    (`topk.biased_topk`; a training device of `core.selection_bias`, top-1 routing only).
+    Without keep_intermediates, Trace.x_centered and Trace.acts may be None (see `encode`).
 
     x may be one process's slice of a batch split over processes: the chosen experts run through
     `backend.dispatch` (expert parallelism: on the processes that own them), and the losses use
@@ -173,10 +182,11 @@ def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: boo
     if uses_auxk(cfg, dead_mask):
         dead = xp.reshape(dead_mask[:cfg.n_latents], (cfg.n_experts, cfg.expert_width))
 
-    def run(x_rows, gate_rows, expert_rows, dead_rows):
-        return run_experts(params, x_rows, gate_rows, expert_rows, dead_rows, cfg, backend, keep_intermediates)
+    def run(x_rows, gate_rows, expert_rows, dead_rows, bias_rows):
+        return run_experts(params, x_rows, gate_rows, expert_rows, dead_rows, cfg, backend, keep_intermediates,
+                           bias_rows)
 
-    ex = backend.dispatch(run, x, gates, experts, dead, cfg.n_experts)
+    ex = backend.dispatch(run, x, gates, experts, dead, cfg.n_experts, select_bias)
     x_centered, top_values, top_indices, shared_pre, shared_values, shared_indices = _with_shared(
         params, x, ex.values, ex.cand_indices, experts, cfg, backend, keep_intermediates)
     x_hat = ex.recon + params["b_pre"]
@@ -217,9 +227,9 @@ def _with_shared(params, x, values, cand_indices, experts, cfg, backend, keep_in
             shared_pre, shared_values, shared_indices)
 
 
-def forward(params: dict, x, cfg, backend, dead_mask=None) -> ForwardOutput:
-    """The spec's forward pass and losses.  x: (batch, d) native array."""
-    return trace(params, x, cfg, backend, dead_mask, keep_intermediates=False).out
+def forward(params: dict, x, cfg, backend, dead_mask=None, select_bias=None) -> ForwardOutput:
+    """The spec's forward pass and losses.  x: (batch, d) native array (the rest as `trace`)."""
+    return trace(params, x, cfg, backend, dead_mask, keep_intermediates=False, select_bias=select_bias).out
 
 
 def gates_of(probs, experts, router_scale, xp):

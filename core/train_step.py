@@ -41,19 +41,20 @@ def apply_lazy_update(xp, params: dict, grads: dict, opt_state, lr, max_grad_nor
     return dict(params, **renormalised), opt_state
 
 
-def train_step(backend, cfg, params: dict, opt_state, x, lr, dead_mask=None,
+def train_step(backend, cfg, params: dict, opt_state, x, lr, dead_mask=None, select_bias=None,
                max_grad_norm: float | None = 1.0, betas=(0.9, 0.999), optimizer: str = "adam"):
     """loss and gradients, then the backend's update (`apply_update`, possibly fused and in
-    place: use the returned params and state).  x: (batch, d).  optimizer: "adam" (dense) or
+    place: use the returned params and state).  x: (batch, d); dead_mask: (total_latents,) bool
+    or None (AuxK); select_bias: (N, m) or None (`core.selection_bias`).  optimizer: "adam" (dense) or
     "lazy_adam" (row-sparse: `Backend.loss_and_row_grads` and `Backend.lazy_update`).
     -> (params, opt_state, ForwardOutput).  Same order as the paper's trainer (which
     renormalises before the next forward)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "lazy_adam":
-        out, grads = backend.loss_and_row_grads(params, x, cfg, dead_mask)
+        out, grads = backend.loss_and_row_grads(params, x, cfg, dead_mask, select_bias)
         params, opt_state = backend.lazy_update(params, grads, opt_state, lr, max_grad_norm, betas)
     else:
-        out, grads = backend.loss_and_grads(params, x, cfg, dead_mask)
+        out, grads = backend.loss_and_grads(params, x, cfg, dead_mask, select_bias)
         params, opt_state = backend.update(params, grads, opt_state, lr, max_grad_norm, betas)
     return params, opt_state, out

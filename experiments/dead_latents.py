@@ -4,7 +4,9 @@ Trains each given run like `experiments.recipe_search` (same data, defaults and 
 FVU, the trainer's dead fraction at the end, latents that never fired on the held-out tokens, wall
 time), with one intervention (torch backend only), chosen by the run's "intervention" key:
 
-    none      the library's defaults (AuxK on the latents silent for the run's dead window)
+    none      the library's defaults (AuxK on the latents silent for the run's dead window, and
+              the selection bias, `switchsae.core.selection_bias`; "tc_selection_bias": 0 turns
+              it off, "tc_selection_bias_floor" / "tc_selection_bias_fade" set the rest)
     resample  every `every` steps up to the fraction `until` of the run, each dead latent is
               re-pointed at a badly reconstructed token of its own expert (Bricken et al.'s
               resampling, per expert): a token routed to the latent's expert is drawn with
@@ -20,20 +22,14 @@ time), with one intervention (torch backend only), chosen by the run's "interven
               f_i P_i, f_i the fraction of the expert's kept entries at latent i, P_i its mean
               softmax probability; with "dead_only" its gradient reaches only the dead latents'
               encoder columns (the revival push without the live latents' distortion)
-    ghost     auxiliary-loss-free balancing of the latents (DeepSeek-V3's expert bias, per latent):
-              the main TopK chooses by acts + bias wherever acts > 0, the kept values stay the
-              acts (the bias changes which latents are chosen, never a value or a gradient);
-              each step a latent's bias rises by `rate` x its expert's mean smallest kept act while its
-              firing rate (an EMA over steps, `beta`) is below `floor` x k / m, else falls by as
-              much, never below 0; over the `fade` of the run before its last `off` the bias is
-              scaled linearly to 0, and the last `off` trains without it (the evaluated model
-              has no bias); with `every` (and `until`) it also resamples
-              as `resample` (the latents still dead despite the bias: no act > 0 to raise), and
-              with `coef` (and `dead_only`) it adds `balance`'s loss
+
+The selection bias began here as the "ghost" intervention (its rate, floor and fade are the
+library's `TrainConfig.selection_bias`, `selection_bias_floor` and `selection_bias_fade`; its
+"off" tail was dropped); its runs are in docs/results/ghost/.
 
     python -m experiments.dead_latents --corpus python-docs --max-texts 6000 --steps 1000 \\
         '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "balance", "coef": 1.0, "dead_only": true}'
-        '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "ghost", "rate": 0.3, "floor": 0.3}'
+        '{"n_latents": 12288, "n_experts": 16, "k": 16, "intervention": "none", "tc_selection_bias": 0}'
 
 (runs and their figures: docs/results/ghost/)
 """
@@ -44,15 +40,13 @@ import json
 
 import torch
 from switchsae.core.dead_latents import dead_mask
-from switchsae.backends.torch.encode import encode as expert_encode
-from switchsae.backends.torch.topk import topk_lowest_index_ties
 from switchsae.training import Trainer
 
 from .paper import experiment_parser
 from .recipe_search import add_run_args, train_and_measure
 
-INTERVENTIONS = ("none", "resample", "orient", "balance", "ghost")
-TRAINER_SETTINGS = ("every", "until", "rate", "floor", "beta", "fade", "off")  # a run's keys read by its trainer
+INTERVENTIONS = ("none", "resample", "orient", "balance")
+TRAINER_SETTINGS = ("every", "until")  # a run's keys read by its trainer
 
 
 class ResamplingTrainer(Trainer):
@@ -159,8 +153,8 @@ def balancing_backend(backend, coef: float, dead_only: bool):
     base = type(backend)
 
     class Balancing(base):
-        def loss_and_grads(self, params, x, cfg, dead_mask=None):
-            out, grads = base.loss_and_grads(self, params, x, cfg, dead_mask)
+        def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+            out, grads = base.loss_and_grads(self, params, x, cfg, dead_mask, select_bias)
             if dead_only and dead_mask is None:
                 return out, grads
             names = ["W_enc"] if dead_only else ["W_enc", "b_pre"]
@@ -175,88 +169,6 @@ def balancing_backend(backend, coef: float, dead_only: bool):
             return out, dict(grads, **{name: grads[name] + g for name, g in extra.items()})
 
     return Balancing(backend.device)
-
-
-class GhostBias:
-    """The per-latent selection bias of `ghost` and its update.  bias, rate: (N, m)."""
-
-    def __init__(self, cfg, rate: float, floor: float, beta: float, device):
-        self.cfg, self.step_size, self.beta = cfg, rate, beta
-        self.floor = floor * cfg.routed_k / cfg.expert_width
-        self.bias = torch.zeros(cfg.n_experts, cfg.expert_width, device=device)
-        self.rate = torch.full_like(self.bias, cfg.routed_k / cfg.expert_width)
-        self.scale = 1.0  # the fade's factor on the bias
-
-    @torch.no_grad()
-    def update(self, out) -> None:
-        """After a step: out (its ForwardOutput, top_indices global ids e * m + i)."""
-        n, m = self.cfg.n_experts, self.cfg.expert_width
-        fired = (out.top_values != 0).flatten().to(self.bias.dtype)
-        hits = torch.zeros(n * m, dtype=self.bias.dtype, device=self.bias.device)
-        hits.index_add_(0, out.top_indices.flatten(), fired)
-        tokens = torch.bincount(out.expert, minlength=n).to(self.bias.dtype)
-        seen = tokens > 0
-        step_rate = hits.view(n, m) / tokens.clamp(min=1)[:, None]
-        self.rate[seen] = self.beta * self.rate[seen] + (1 - self.beta) * step_rate[seen]
-        kth = torch.zeros(n, dtype=self.bias.dtype, device=self.bias.device)
-        kth.index_add_(0, out.expert, self.kth.to(kth.dtype))
-        kth = kth / tokens.clamp(min=1)
-        push = torch.where(self.rate < self.floor, 1.0, -1.0) * (self.step_size * kth)[:, None]
-        self.bias = torch.where(seen[:, None], (self.bias + push).clamp(min=0), self.bias)
-
-    def select(self, acts, expert, k: int):
-        """acts: (T, m) relu'd, expert: (T,) -> the kept values (gathered from acts) and ids (T, k)."""
-        with torch.no_grad():
-            score = torch.where(acts > 0, acts + self.scale * self.bias[expert], acts)
-            _, ids = topk_lowest_index_ties(score, k)
-            self.kth = torch.gather(acts, 1, ids).min(1).values  # (T,) each row's smallest kept act
-        return torch.gather(acts, 1, ids), ids
-
-
-def ghost_backend(backend):
-    """A copy of the torch `backend` whose training forward (`loss_and_grads` while its `ghost` is
-    set) selects the main TopK with the ghost's bias; AuxK as the defaults (its top k_aux dead
-    acts); evaluation (ghost None) is the backend's own."""
-    base = type(backend)
-
-    class Ghost(base):
-        ghost = None
-
-        def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
-            if self.ghost is None:
-                return base.encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts)
-            acts = expert_encode(x - b_pre, W_enc, b_enc, expert).clamp(min=0)
-            values, ids = self.ghost.select(acts, expert, k)
-            if dead is None:
-                return acts, values, ids, None, None
-            masked = torch.where(dead[expert], acts, torch.zeros_like(acts))
-            aux_ids = topk_lowest_index_ties(masked.detach(), min(aux_k, acts.shape[1]))[1]
-            return acts, values, ids, torch.gather(masked, 1, aux_ids), aux_ids
-
-    return Ghost(backend.device)
-
-
-class GhostTrainer(Trainer):
-    """`Trainer` that keeps the backend's `GhostBias` (`ghost`), fades it out over the `fade` of
-    the run before its last `off` and trains that last `off` without it."""
-
-    rate, floor, beta, fade, off = 0.01, 0.1, 0.9, 0.2, 0.0
-
-    def _update(self, step_fn, x_np):
-        if self.backend.ghost is None:
-            self.backend.ghost = GhostBias(self.cfg, self.rate, self.floor, self.beta, self.params["b_pre"].device)
-        ghost, stop = self.backend.ghost, (1 - self.off) * self.tc.steps
-        start = stop - self.fade * self.tc.steps
-        ghost.scale = 1.0 if self.step < start else max(0.0, (stop - self.step - 1) / max(stop - start, 1))
-        x, lr, out = super()._update(step_fn, x_np)
-        ghost.update(out)
-        return x, lr, out
-
-    def run(self):
-        try:
-            return super().run()
-        finally:
-            self.backend.ghost = None
 
 
 def configured(bases: tuple, fields: dict) -> type:
@@ -282,11 +194,6 @@ def main(argv=None) -> int:
             trainer = configured((ResamplingTrainer,), fields)
         elif kind == "orient":
             trainer = OrientedTrainer
-        elif kind == "ghost":
-            backend = ghost_backend(backend)
-            if "coef" in fields:
-                backend = balancing_backend(backend, fields.pop("coef"), fields.pop("dead_only", False))
-            trainer = configured((ResamplingTrainer, GhostTrainer) if "every" in fields else (GhostTrainer,), fields)
         elif kind == "balance":
             backend = balancing_backend(backend, fields.pop("coef", 1.0), fields.pop("dead_only", False))
         print(json.dumps({"run": spec, **train_and_measure(fields, args, backend, trainer)}), flush=True)

@@ -108,7 +108,7 @@ def test_compiled_step_switches_to_dead_columns_and_matches_reference(monkeypatc
                                     case.dead_mask)
     step = JB.compile_step(functools.partial(train_step, JB, case.cfg))
     for call in range(2):
-        params, x, dead = H.native(JB, case, "float32")
+        params, x, dead = H.native(JB, case, "float32")[:3]
         new_params, _, out = step(params, adam_init(params, jnp), x, lr, dead)
         assert bool(caps) == (call == 1)
     dead_counts = case.dead_mask[:case.cfg.n_latents].reshape(case.cfg.n_experts, -1).sum(1)

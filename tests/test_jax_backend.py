@@ -40,7 +40,7 @@ def _compiled_step(case, dtype="float32", lr=LR):
     """One compiled train step on `case` -> (new params, AdamState, ForwardOutput of the
     params before the step), all JAX arrays."""
     cfg = case.cfg.replace(dtype=dtype)
-    params, x, dead = H.native(JB, case, dtype)
+    params, x, dead = H.native(JB, case, dtype)[:3]
     step = JB.compile_step(functools.partial(train_step, JB, cfg))
     return step(params, adam_init(params, jnp), x, lr, dead)
 
@@ -148,7 +148,7 @@ def test_compile_step_donates_buffers_and_carries_the_step():
         traces.append(1)
         return train_step(JB, case.cfg, *args)
 
-    params, x, _ = H.native(JB, case, "float32")
+    params, x, _ = H.native(JB, case, "float32")[:3]
     state = adam_init(params, jnp)
     step = JB.compile_step(counted)
     for expected in (1, 2, 3):
@@ -172,8 +172,8 @@ def test_bfloat16_compiled_step_keeps_dtypes():
 
 def test_compiled_forward_equals_the_steps_forward():
     case = build("auxk")
-    params, x, dead = H.native(JB, case, "float32")
-    fwd = JB.compile_forward(lambda p, xs, dm: spec.forward(p, xs, case.cfg, JB, dm))(params, x, dead)
+    params, x, dead = H.native(JB, case, "float32")[:3]
+    fwd = JB.compile_forward(lambda p, xs, dm, sb: spec.forward(p, xs, case.cfg, JB, dm, sb))(params, x, dead)
     _, _, out = _reference_case_step("auxk")
     for field in ("x_hat", "router_probs", "top_values", "top_indices", "expert"):
         np.testing.assert_array_equal(JB.to_numpy(getattr(fwd, field)), JB.to_numpy(getattr(out, field)), field)
@@ -277,7 +277,7 @@ cfg = SwitchSAEConfig(d_in=256, n_latents=4096, n_experts=16, k=16)
 rng = np.random.default_rng(1)
 params = {n: be.asarray(p) for n, p in init_params(cfg, 0).items()}
 x, dead = be.asarray(rng.normal(size=(2048, 256)), "float32"), be.asarray(rng.random(4096) < 0.1)
-step = be.compile_step(lambda p, s, xs, lr, dm: train_step(be, cfg, p, s, xs, lr, dm, 1.0))
+step = be.compile_step(lambda p, s, xs, lr, dm, sb: train_step(be, cfg, p, s, xs, lr, dm, sb, max_grad_norm=1.0))
 box = [params, adam_init(params, be.xp)]
 for i in range(33):
     if i == 3:

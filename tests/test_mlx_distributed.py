@@ -67,8 +67,8 @@ class NaiveDataParallel(MLXBackend):
     def __init__(self, group):
         self.group = group
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        out, grads = super().loss_and_grads(params, x, cfg, dead_mask)
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+        out, grads = super().loss_and_grads(params, x, cfg, dead_mask, select_bias)
         return out, average_gradients(grads, group=self.group)
 
 

@@ -33,8 +33,9 @@ def test_spec_on_array_api_strict_equals_numpy(name):
     strict = StrictBackend()
     params = {n: strict.asarray(p, "float64") for n, p in case.params.items()}
     dead = None if case.dead_mask is None else strict.asarray(case.dead_mask)
-    got = forward(params, strict.asarray(case.x, "float64"), case.cfg, strict, dead)
-    ref = forward(case.params, case.x, case.cfg, load_backend("numpy"), case.dead_mask)
+    bias = None if case.select_bias is None else strict.asarray(case.select_bias, "float64")
+    got = forward(params, strict.asarray(case.x, "float64"), case.cfg, strict, dead, bias)
+    ref = forward(case.params, case.x, case.cfg, load_backend("numpy"), case.dead_mask, case.select_bias)
     np.testing.assert_allclose(strict.to_numpy(got.x_hat), ref.x_hat, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(strict.to_numpy(got.expert), ref.expert)
     np.testing.assert_array_equal(strict.to_numpy(got.top_indices), ref.top_indices)

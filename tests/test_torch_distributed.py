@@ -75,8 +75,15 @@ def problem(shared: bool = False, collapsed: bool = False, top2: bool = False):
     return cfg, params, batches, rng.random(cfg.n_latents) < 0.4, rng.normal(size=(BATCH, cfg.d_in))
 
 
+def selection_bias(cfg):
+    """A fixed selection bias (N, m) (`core.selection_bias`): half the latents lifted."""
+    rng, shape = np.random.default_rng(11), (cfg.n_experts, cfg.expert_width)
+    return torch.as_tensor(np.where(rng.random(shape) < 0.5, 0.3 * rng.random(shape), 0.0).astype(np.float32))
+
+
 def train(backend, cfg, params, batches, dead, rank=0, world=1, count=True):
-    """STEPS steps of `core.train_step` on this rank's slice; AuxK (dead mask) on odd steps.
+    """STEPS steps of `core.train_step` on this rank's slice; AuxK (dead mask) on odd steps,
+    a selection bias on every third with top-1 routing.
     params: this rank's (NumPy), never written: the update is in place, and a float32 array
     would share its memory with the tensor.  -> (params, losses (STEPS, 4), counter)."""
     params = {n: backend.asarray(p, "float32").clone() for n, p in params.items()}
@@ -84,7 +91,8 @@ def train(backend, cfg, params, batches, dead, rank=0, world=1, count=True):
     rows = parallel.batch_rows(BATCH, world, rank)
     for i, x in enumerate(batches):
         mask = torch.as_tensor(dead) if i % 2 else None
-        params, opt, out = train_step(backend, cfg, params, opt, backend.asarray(x[rows], "float32"), LR, mask)
+        bias = selection_bias(cfg) if i % 3 == 0 and cfg.experts_per_token == 1 else None
+        params, opt, out = train_step(backend, cfg, params, opt, backend.asarray(x[rows], "float32"), LR, mask, bias)
         if count:
             counter = update_tokens_since_fired(counter, out.top_indices, out.top_values, backend)
         losses.append([float(out.losses[t]) for t in ("mse", "lb", "auxk", "total")])
@@ -103,8 +111,8 @@ class NaiveDataParallel(TorchBackend):
         super().__init__("cpu")
         self.comm = comm
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        out, grads = super().loss_and_grads(params, x, cfg, dead_mask)
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+        out, grads = super().loss_and_grads(params, x, cfg, dead_mask, select_bias)
         self.comm.all_sum_(list(grads.values()))
         return out, {n: g / self.comm.world for n, g in grads.items()}
 

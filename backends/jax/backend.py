@@ -79,16 +79,21 @@ class JaxBackend(Backend):
         """Each token through its own expert only (`encode.grouped_encode`)."""
         return grouped_encode(x_centered, W_enc, b_enc, expert, self.dispatch_mode)
 
-    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
+    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True, select_bias=None):
         """Encode, ReLU and TopK fused, with a backward over the (batch, k) kept entries
-        (`encode.encode_topk`)."""
+        (`encode.encode_topk`); with a selection bias, the standard ops' (autodiff)."""
+        if select_bias is not None:
+            return super().encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, select_bias)
         if self._rows is not None and self._rows.owns_encoder(W_enc, keep_acts):
             return (None, *self._rows.encode(x, b_pre, W_enc, b_enc, expert, k, self.dispatch_mode))
         return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode)
 
-    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
+    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True, select_bias=None):
         """`encode_topk` and AuxK's dead-latent TopK chosen in the same pass (per tile on CPU),
-        with one sparse backward over the k + aux_k kept entries (`encode.encode_topk`)."""
+        with one sparse backward over the k + aux_k kept entries (`encode.encode_topk`); with a
+        selection bias, the standard ops' (autodiff)."""
+        if select_bias is not None:
+            return super().encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts, select_bias)
         if self._rows is not None and self._rows.owns_encoder(W_enc, keep_acts):
             return (None, *self._rows.encode(x, b_pre, W_enc, b_enc, expert, k, self.dispatch_mode, dead, aux_k))
         return fused_encode_topk(x, b_pre, W_enc, b_enc, expert, k, keep_acts, self.dispatch_mode, dead, aux_k,
@@ -124,30 +129,30 @@ class JaxBackend(Backend):
         return jax.lax.stop_gradient(a)
 
     # -- training -------------------------------------------------------------------------
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
         """Jit-compiled (per cfg) `jax.value_and_grad` of the spec's total loss (inlined into the
         step `compile_step` traces, whose trace state, e.g. AuxK's dead cap, a cached inner jit
         would not see)."""
         if self._trace is not None:
-            return self._value_and_grad(params, x, cfg, dead_mask)
-        return self._loss_and_grads(params, x, cfg, dead_mask)
+            return self._value_and_grad(params, x, cfg, dead_mask, select_bias)
+        return self._loss_and_grads(params, x, cfg, dead_mask, select_bias)
 
-    def _value_and_grad(self, params, x, cfg, dead_mask):
+    def _value_and_grad(self, params, x, cfg, dead_mask, select_bias=None):
         def total(p):
-            out = forward(p, x, cfg, self, dead_mask)
+            out = forward(p, x, cfg, self, dead_mask, select_bias)
             return out.losses["total"], out
 
         (_, out), grads = jax.value_and_grad(total, has_aux=True)(params)
         return out, grads
 
-    def loss_and_row_grads(self, params, x, cfg, dead_mask=None):
+    def loss_and_row_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
         """`loss_and_grads` with W_enc, W_dec and b_enc's gradients as `lazy.Rows` at the touched
-        latents (`lazy` module notes), when traced in `compile_step` with top-1 routing; dense
-        gradients otherwise (several experts per token run the plain `encode`), which
-        `lazy_update` takes too."""
+        latents (`lazy` module notes), when traced in `compile_step` with top-1 routing and no
+        selection bias; dense gradients otherwise (the plain `encode`'s), which `lazy_update`
+        takes too."""
         trace = self._trace
-        if trace is None or cfg.experts_per_token != 1:
-            return self.loss_and_grads(params, x, cfg, dead_mask)
+        if trace is None or cfg.experts_per_token != 1 or select_bias is not None:
+            return self.loss_and_grads(params, x, cfg, dead_mask, select_bias)
         kept = cfg.routed_k + (cfg.aux_k if uses_auxk(cfg, dead_mask) else 0)
         trace.bound = lazy.row_bound(cfg.n_latents, x.shape[0], kept)
         used = trace.bound if trace.capacity is None else min(trace.capacity, trace.bound)
@@ -185,7 +190,7 @@ class JaxBackend(Backend):
         return super().lazy_update(params, grads, opt_state, lr, max_grad_norm, betas)
 
     def compile_step(self, step_fn):
-        """step_fn(params, opt_state, x, lr, dead_mask=None): the shared train step with backend
+        """step_fn(params, opt_state, x, lr, dead_mask=None, select_bias=None): the shared train step with backend
         and cfg bound.  `jax.jit` with donated params/optimiser buffers (`compile.compile_step`)."""
         return _compile.compile_step(step_fn, self._step_trace)
 
@@ -205,7 +210,7 @@ class JaxBackend(Backend):
         return f"jax {device.platform} ({device.device_kind})"
 
     def compile_forward(self, forward_fn):
-        """forward_fn(params, x, dead_mask=None): `core.spec.forward` with cfg and backend
+        """forward_fn(params, x, dead_mask=None, select_bias=None): `core.spec.forward` with cfg and backend
         bound -> its `jax.jit` (`compile.compile_forward`)."""
         return _compile.compile_forward(forward_fn)
 

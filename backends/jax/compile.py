@@ -17,7 +17,7 @@ from .lazy import next_capacity
 
 
 def compile_step(step_fn, step_trace):
-    """step_fn(params, opt_state, x, lr, dead_mask=None) -> (params, opt_state, ForwardOutput):
+    """step_fn(params, opt_state, x, lr, dead_mask=None, select_bias=None) -> (params, opt_state, ForwardOutput):
     the shared train step with backend and cfg bound.  Returns the jit-compiled equivalent.
 
     The `params` and `opt_state` buffers are DONATED: the arrays passed in are invalid after
@@ -35,10 +35,10 @@ def compile_step(step_fn, step_trace):
 
     dead_shape = None  # (N, m) once a trace's AuxK could use a cap on the dead counts
 
-    def traced(capacity, dead_cap, params, opt_state, x, lr, dead_mask):
+    def traced(capacity, dead_cap, params, opt_state, x, lr, dead_mask, select_bias):
         nonlocal dead_shape
         with step_trace(capacity, dead_cap) as trace:
-            result = step_fn(params, opt_state, x, lr, dead_mask)
+            result = step_fn(params, opt_state, x, lr, dead_mask, select_bias)
         dead_shape = trace.dead_shape or dead_shape
         return result, trace.outputs()
 
@@ -46,14 +46,14 @@ def compile_step(step_fn, step_trace):
     capacity = None  # the row capacity of the next step (None: the bound)
     dead_cap = None  # the cap on the experts' dead counts of the last step (`auxk.dead_cap`)
 
-    def step(params, opt_state, x, lr, dead_mask=None):
+    def step(params, opt_state, x, lr, dead_mask=None, select_bias=None):
         nonlocal capacity, dead_cap
         opt_state = _step_as_array(opt_state)
         cap = None
         if dead_mask is not None and dead_shape is not None:
             cap = dead_cap = dead_cap_of(int(_max_dead(dead_mask, dead_shape)), dead_shape[1], dead_cap)
         while True:
-            result, rows = jitted(capacity, cap, params, opt_state, x, lr, dead_mask)
+            result, rows = jitted(capacity, cap, params, opt_state, x, lr, dead_mask, select_bias)
             if rows is None:
                 return result
             count, used, bound = (int(a) for a in jax.device_get(rows))
@@ -66,12 +66,12 @@ def compile_step(step_fn, step_trace):
 
 
 def compile_forward(forward_fn):
-    """forward_fn(params, x, dead_mask=None) -> ForwardOutput (`core.spec.forward` with cfg
+    """forward_fn(params, x, dead_mask=None, select_bias=None) -> ForwardOutput (`core.spec.forward` with cfg
     and backend bound).  Returns the jit-compiled equivalent; nothing is donated."""
     jitted = jax.jit(forward_fn)
 
-    def forward(params, x, dead_mask=None):
-        return jitted(params, x, dead_mask)
+    def forward(params, x, dead_mask=None, select_bias=None):
+        return jitted(params, x, dead_mask, select_bias)
 
     return forward
 

@@ -51,12 +51,13 @@ class MLXBackend(Backend):
         return mx.stop_gradient(a)
 
     # -- training -------------------------------------------------------------------------
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
         """Autodiff of the spec's total loss w.r.t. the params dict (an MLX tree)."""
-        return outputs_and_grads(lambda p: forward(p, x, cfg, self, dead_mask), params)
+        return outputs_and_grads(lambda p: forward(p, x, cfg, self, dead_mask, select_bias), params)
 
     def compile_step(self, step_fn):
-        """step_fn(params, opt_state, x, lr, dead_mask=None), see `compile.compile_train_step`."""
+        """step_fn(params, opt_state, x, lr, dead_mask=None, select_bias=None), see
+        `compile.compile_train_step`."""
         return compile_train_step(step_fn)
 
     # -- timing ---------------------------------------------------------------------------

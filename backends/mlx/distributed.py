@@ -55,8 +55,8 @@ class DataParallelBackend(MLXBackend):
     def local_backend(self) -> MLXBackend:
         return MLXBackend()
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        out, grads = super().loss_and_grads(params, x, cfg, dead_mask)
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+        out, grads = super().loss_and_grads(params, x, cfg, dead_mask, select_bias)
         losses = {name: self.all_sum(value) / self.world_size for name, value in out.losses.items()}
         return out._replace(losses=losses), average_gradients(grads, group=self.group)
 

@@ -35,6 +35,6 @@ class NumpyBackend(Backend):
         np.add.at(out, indices, values)
         return out
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        t = trace(params, x, cfg, self, dead_mask)
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+        t = trace(params, x, cfg, self, dead_mask, select_bias=select_bias)
         return t.out, loss_gradients(params, x, cfg, t, dead_mask)

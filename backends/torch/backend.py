@@ -70,12 +70,12 @@ class TorchBackend(Backend):
     def encode(self, x_centered, W_enc, b_enc, expert):
         return expert_encode(x_centered, W_enc, b_enc, expert)
 
-    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True):
-        return self.encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, None, 0, keep_acts)[:3]
+    def encode_topk(self, x, b_pre, W_enc, b_enc, expert, k, keep_acts=True, select_bias=None):
+        return self.encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, None, 0, keep_acts, select_bias)[:3]
 
-    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True):
+    def encode_topk_aux(self, x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts=True, select_bias=None):
         rows = self._row_grads if self._row_grads is not None and self._row_grads.owns_encoder(W_enc) else None
-        return expert_encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts, rows)
+        return expert_encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, dead, aux_k, keep_acts, rows, select_bias)
 
     def decode(self, values, indices, W_dec_flat):
         return sparse_decode(values, indices, W_dec_flat, self._decoder_sink(W_dec_flat))
@@ -90,20 +90,20 @@ class TorchBackend(Backend):
         return rows if rows is not None and rows.owns_decoder(W_dec_flat) else None
 
     # -- training -----------------------------------------------------------------------------
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
         """Autograd through core.spec.forward with this backend's hooks."""
-        return self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask))
+        return self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask, select_bias))
 
-    def loss_and_row_grads(self, params, x, cfg, dead_mask=None):
+    def loss_and_row_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
         """`loss_and_grads`, but W_enc, W_dec and b_enc get their gradients as `lazy.Rows` (the
         latents that received gradient and their rows) straight from the sparse backwards: no
         (N, m, d) gradient.  With experts_per_token > 1 (whose encoder has no such backward)
         the gradients are dense."""
         if cfg.experts_per_token > 1:
-            return self.loss_and_grads(params, x, cfg, dead_mask)
+            return self.loss_and_grads(params, x, cfg, dead_mask, select_bias)
         self._row_grads = RowGradients(params)
         try:
-            out, grads = self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask),
+            out, grads = self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask, select_bias),
                                             constant=tuple(self._row_grads.params))
             return out, dict(grads, **self._row_grads.rows())
         finally:

@@ -49,8 +49,8 @@ class DataParallelBackend(DistributedMixin, TorchBackend):
     def __init__(self, group=None, device=None):
         self._init_group(group, device)
 
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
-        out, grads = TorchBackend.loss_and_grads(self, params, x, cfg, dead_mask)
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
+        out, grads = TorchBackend.loss_and_grads(self, params, x, cfg, dead_mask, select_bias)
         self.comm.all_sum_(list(grads.values()))
         torch._foreach_div_(list(grads.values()), float(self.world_size))
         return self._mean_losses(out), grads

@@ -19,7 +19,10 @@ is -sum_t dx[t] = -(per-latent sums of g) @ the latent table, one pass over W_en
 
 from __future__ import annotations
 
+import array_api_compat.torch as torch_xp
 import torch
+
+from switchsae.core.topk import biased_topk
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
 from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, counts, fixed_pattern, gather_sum,
@@ -49,17 +52,22 @@ class ExpertEncode(torch.autograd.Function):
 
 class ExpertEncodeTopK(torch.autograd.Function):
     """(x (T, d), b_pre (d,), W_enc (N, d, m), b_enc (N, m) or None, expert (T,), k, keep_acts,
-    dead (N, m) bool or None, aux_k) -> acts (T, m) = relu((x - b_pre) @ W_enc[expert]
-    (+ b_enc[expert])) (None without keep_acts), values (T, k), indices (T, k) = TopK of acts
-    (spec tie rule), and with a dead mask also AuxK's aux_values, aux_indices (T, j) (`dead_topk`)."""
+    dead (N, m) bool or None, aux_k, sink, select_bias (N, m) or None) -> acts (T, m) =
+    relu((x - b_pre) @ W_enc[expert] (+ b_enc[expert])) (None without keep_acts), values (T, k),
+    indices (T, k) = TopK of acts (spec tie rule; by `biased_topk` with a selection bias), and
+    with a dead mask also AuxK's aux_values, aux_indices (T, j) (`dead_topk`)."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead=None, aux_k=0, sink=None):
+    def forward(ctx, x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead=None, aux_k=0, sink=None, select_bias=None):
         routing = route(expert, W_enc.shape[0])
         perm = routing.perm
         x_sorted, expert_sorted = sort_rows(x, perm) - b_pre, sort_rows(expert, perm)
         acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
-        values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
+        if select_bias is None:
+            values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
+        else:
+            values_sorted, indices_sorted = biased_topk(acts_sorted, select_bias[expert_sorted], k,
+                                                        topk_lowest_index_ties, torch_xp)
         aux_values = aux_indices = aux_sorted = aux_ids_sorted = ctx.runs = None
         if dead is not None:
             aux_sorted, aux_ids_sorted, ctx.runs = dead_topk(acts_sorted, dead, expert_sorted, aux_k, routing.ends)
@@ -106,7 +114,7 @@ class ExpertEncodeTopK(torch.autograd.Function):
         if need_b_pre:  # d/d b_pre = -sum_t d/d x_t: one product with per-latent sums, not T
             grad_b_pre = -grad_x.sum(0) if need_x else -_latent_sum_product(pattern, values, blocks, W_enc)
         return ((unsort_rows(grad_x, perm) if need_x else None), grad_b_pre, grad_W, grad_b,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _through_relu(grad, kept_sorted, perm):
@@ -279,17 +287,18 @@ def encode(x_centered, W_enc, b_enc, expert):
     return ExpertEncode.apply(x_centered, W_enc, b_enc, expert)
 
 
-def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True):
+def encode_topk(x, b_pre, W_enc, b_enc, expert, k: int, keep_acts: bool = True, select_bias=None):
     """relu(encode(x - b_pre, ...)) and its TopK: -> acts (T, m) (None without keep_acts),
     values (T, k), indices (T, k)."""
-    return encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, None, 0, keep_acts)[:3]
+    return encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k, None, 0, keep_acts, select_bias=select_bias)[:3]
 
 
 def encode_topk_aux(x, b_pre, W_enc, b_enc, expert, k: int, dead, aux_k: int, keep_acts: bool = True,
-                    sink=None):
+                    sink=None, select_bias=None):
     """`encode_topk` and AuxK's top aux_k dead latents of the same acts (`dead_topk`), both
     with one sparse backward.  dead: (N, m) bool or None (no AuxK) -> acts, values, indices,
     aux_values, aux_indices (T, j) (None without AuxK).  sink: a `lazy.RowGradients` that takes
-    W_enc's and b_enc's gradients (they then need none from autograd), or None."""
-    out = ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k, sink)
+    W_enc's and b_enc's gradients (they then need none from autograd), or None.  select_bias:
+    (N, m) >= 0 or None, the main TopK's selection bias (`core.selection_bias`)."""
+    out = ExpertEncodeTopK.apply(x, b_pre, W_enc, b_enc, expert, k, keep_acts, dead, aux_k, sink, select_bias)
     return out if dead is not None else (*out, None, None)

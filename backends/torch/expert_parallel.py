@@ -80,10 +80,11 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
         return full if self.rank == 0 else None
 
     # -- training ---------------------------------------------------------------------------
-    def loss_and_grads(self, params, x, cfg, dead_mask=None):
+    def loss_and_grads(self, params, x, cfg, dead_mask=None, select_bias=None):
         """params: this rank's (sharded); x: (batch / R, d).  -> (ForwardOutput of this rank's
         tokens with the full-batch losses, this rank's gradients)."""
-        out, grads = self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask), 1 / self.world_size)
+        out, grads = self.differentiate(params, lambda p: forward(p, x, cfg, self, dead_mask, select_bias),
+                                        1 / self.world_size)
         self.comm.all_sum_([g for n, g in grads.items() if n not in parallel.EXPERT_SHARDED])
         return self._mean_losses(out), grads
 
@@ -99,9 +100,9 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
         return TorchBackend.update(self, params, grads, opt_state, lr, None, betas)
 
     # -- the exchange -----------------------------------------------------------------------
-    def dispatch(self, run, x, gates, experts, dead, n_experts):
+    def dispatch(self, run, x, gates, experts, dead, n_experts, select_bias=None):
         """Send each token (x, gate) to its expert's owner, run this rank's experts there on what
-        arrived (`run`, with the rows of `dead` of this rank's experts), send the reconstructions
+        arrived (`run`, with the rows of `dead` and `select_bias` of this rank's experts), send the reconstructions
         (with gradient) and the kept values and positions (without) back.  A collective."""
         if experts.shape[1] != 1:
             raise ConfigError("expert parallel supports top-1 routing (experts_per_token = 1) only, "
@@ -112,7 +113,7 @@ class ExpertParallelBackend(DistributedMixin, TorchBackend):
             self.comm, experts[:, 0], n_experts, lo, hi)
         rows = exchange.dispatch(torch.cat([x, gates], dim=1))
         mine = run(rows[:, :d].contiguous(), rows[:, d:], exchange.local_expert[:, None],
-                   None if dead is None else dead[lo:hi])
+                   None if dead is None else dead[lo:hi], None if select_bias is None else select_bias[lo:hi])
         back = exchange.combine(mine.recon if dead is None else torch.cat([mine.recon, mine.aux_recon], dim=1))
         bits = torch.float64 if mine.values.dtype == torch.float64 else torch.float32  # exact carrier
         ints = _SAME_SIZE_INT[bits]

@@ -34,7 +34,7 @@ PRESETS = ("default", "paper")
 _RUN_OPTIONS = ("data", "text", "model", "layer", "eval_data", "holdout_every", "d_in", "latents",
                 "experts", "k", "preset", "lb_coef", "auxk_coef", "dtype", "steps", "batch_size", "lr", "warmup",
                 "seed", "log_every", "checkpoint_every", "dead_tokens", "no_normalize", "no_cache",
-                "text_column", "one_per_line", "max_length", "optimizer")
+                "text_column", "one_per_line", "max_length", "optimizer", "selection_bias")
 
 
 class CLIError(Exception):
@@ -110,6 +110,7 @@ def _add_text_source(p, with_data: bool) -> None:
 
 def _train_parser(sub) -> None:
     from switchsae.core.config import AUXK_COEF, LB_ALPHA, LR_ANCHOR, LR_MAX
+    from switchsae.training.config import SELECTION_BIAS_STEP
 
     d = DEFAULTS
     p = sub.add_parser("train", help="train a Switch SAE", description=(
@@ -145,6 +146,9 @@ def _train_parser(sub) -> None:
                    "routed to the latent's expert (default 5%% of those in the run, at most 10M)")
     t.add_argument("--optimizer", choices=("adam", "lazy_adam"),
                    help="adam (dense, default) or lazy_adam (updates only the latents that got gradient)")
+    t.add_argument("--selection-bias", type=finite_float,
+                   help=f"step of the latents' selection bias, which lifts under-firing latents into the TopK "
+                        f"(0: off; default {SELECTION_BIAS_STEP:g} with top-1 routing; README \"Dead latents\")")
     t.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scaling)")
     t.add_argument("--seed", type=nonnegative_int, help=f"initialisation and data-order seed (default {d['seed']})")
     t.add_argument("--parallel", choices=("data", "expert"),
@@ -337,7 +341,8 @@ def _new_run(args, backend):
                                  n_latents=args.latents or DEFAULTS["expansion"] * d_in,
                                  n_experts=pick("experts"), k=pick("k"),
                                  **{k: v for k, v in given_cfg.items() if v is not None})
-    given_tc = {"lr": args.lr, "warmup_steps": args.warmup, "optimizer": args.optimizer}
+    given_tc = {"lr": args.lr, "warmup_steps": args.warmup, "optimizer": args.optimizer,
+                "selection_bias": args.selection_bias}
     tc = TrainConfig.preset(args.preset or "default", steps=pick("steps"), batch_size=pick("batch_size"),
                             seed=pick("seed"), log_every=pick("log_every"),
                             checkpoint_every=pick("checkpoint_every"), normalize=not args.no_normalize,
@@ -357,7 +362,8 @@ def _finish(args, trainer, result, spec, eval_src, eval_label) -> None:
         "backend": trainer.backend.name, "data": spec.describe(),
         "model": f"d_in={cfg.d_in} M={cfg.n_latents} N={cfg.n_experts} m={cfg.expert_width} k={cfg.k} "
                  f"dtype={cfg.dtype}",
-        "losses": f"lb_coef={cfg.lb_weight:g} auxk_coef={cfg.auxk_coef:g} dead_tokens={trainer.dead_tokens}",
+        "losses": f"lb_coef={cfg.lb_weight:g} auxk_coef={cfg.auxk_coef:g} dead_tokens={trainer.dead_tokens} "
+                  f"selection_bias={trainer.bias_step:g}",
         "steps": f"{result.step} x {tc.batch_size} tokens = {result.step * tc.batch_size} tokens",
         "learning rate": f"{trainer.peak_lr:g} (warm-up {tc.warmup}, linear decay over the last "
                          f"{tc.decay_fraction:.0%})",

@@ -12,6 +12,7 @@ from switchsae.core.optim import OPTIMIZERS
 WARMUP_FRACTION = 0.01     # warm-up over the first 1% of the steps
 DEAD_FRACTION = 0.05       # dead after 5% of the tokens it could fire on in the run without firing ...
 DEAD_TOKENS_CAP = 10_000_000  # ... or 10M tokens (Gao et al.'s window), whichever is smaller
+SELECTION_BIAS_STEP = 0.3  # the selection bias's step with top-1 routing (README "Dead latents")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class TrainConfig:
         the only ones it can fire on; "batch" (the paper's code, Gao et al.): every token.
     normalize: scale activations by a power of two so their mean squared norm is ~d_in
         (see `switchsae.training.normalize`).
+    selection_bias: the step of the latents' selection bias (`switchsae.core.selection_bias`:
+        the main TopK lifts under-firing latents, no loss term), in units of the expert's
+        TopK threshold; 0: off; `None`: 0.3 with top-1 routing, off with several experts per
+        token (which it does not support).  selection_bias_floor: a latent under-fires below
+        this fraction of k / m.  selection_bias_fade: the final fraction of the steps over
+        which the bias fades linearly to 0.
     out_dir: run directory (metrics, checkpoints, report); `None` keeps nothing on disk.
     """
 
@@ -58,6 +65,9 @@ class TrainConfig:
     dead_tokens: int | None = None
     dead_count: str = "expert"
     normalize: bool = True
+    selection_bias: float | None = None
+    selection_bias_floor: float = 0.3
+    selection_bias_fade: float = 0.2
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -74,9 +84,13 @@ class TrainConfig:
             check_number("lr", self.lr, 0.0, above=True)
         if self.lr_anchor is not None:
             check_number("lr_anchor", self.lr_anchor, 0.0, above=True)
-        check_number("decay_fraction", self.decay_fraction, 0.0)
-        if self.decay_fraction > 1.0:
-            raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
+        for name in ("decay_fraction", "selection_bias_fade"):
+            check_number(name, getattr(self, name), 0.0)
+            if getattr(self, name) > 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.selection_bias is not None:
+            check_number("selection_bias", self.selection_bias, 0.0)
+        check_number("selection_bias_floor", self.selection_bias_floor, 0.0)
         if self.max_grad_norm is not None:
             check_number("max_grad_norm", self.max_grad_norm, 0.0, above=True)
         if not isinstance(self.normalize, bool):
@@ -103,9 +117,9 @@ class TrainConfig:
     def paper(cls, **fields) -> TrainConfig:
         """The paper's schedule (Mudide et al.'s code): lr 2e-4 / sqrt(M / 2**14), no warm-up,
         linear decay over the last 20%, gradient norm clipped to 1, dead latents counted over
-        every token; `fields` override."""
+        every token, no selection bias; `fields` override."""
         return cls(**{"lr_anchor": PAPER_LR_ANCHOR, "warmup_steps": 0, "decay_fraction": 0.2,
-                      "max_grad_norm": 1.0, "dead_count": "batch", **fields})
+                      "max_grad_norm": 1.0, "dead_count": "batch", "selection_bias": 0.0, **fields})
 
     @property
     def warmup(self) -> int:
@@ -117,6 +131,16 @@ class TrainConfig:
         if self.lr is not None:
             return float(self.lr)
         return model_cfg.default_lr if self.lr_anchor is None else scaled_lr(self.lr_anchor, model_cfg.n_latents)
+
+    def selection_bias_step(self, model_cfg) -> float:
+        """The selection bias's step in effect for `model_cfg` (0: off); ConfigError where it
+        is asked for with several experts per token."""
+        if self.selection_bias is None:
+            return SELECTION_BIAS_STEP if model_cfg.experts_per_token == 1 else 0.0
+        if self.selection_bias and model_cfg.experts_per_token != 1:
+            raise ConfigError(f"selection_bias needs top-1 routing (experts_per_token = 1), got experts_per_token = "
+                              f"{model_cfg.experts_per_token}; set selection_bias to 0")
+        return float(self.selection_bias)
 
     def dead_threshold(self, model_cfg) -> int:
         """Tokens without firing that make a latent dead: `dead_tokens`, else the model

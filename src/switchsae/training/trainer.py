@@ -14,6 +14,7 @@ import numpy as np
 
 from switchsae import checkpoint as ckpt_io
 from switchsae._active import get_backend
+from switchsae.core import selection_bias
 from switchsae.core.config import ConfigError, SwitchSAEConfig, check_int, check_number
 from switchsae.core.dead_latents import dead_mask, tokens_seen, update_tokens_since_fired
 from switchsae.core.init import geometric_median, init_params
@@ -93,6 +94,8 @@ class Trainer:
         self.data_spec, self.progress = data_spec, progress
         self.dead_tokens = train_cfg.dead_threshold(cfg)
         self.peak_lr = train_cfg.learning_rate(cfg)
+        self.bias_step = train_cfg.selection_bias_step(cfg)
+        self.bias_state = None  # the `selection_bias.SelectionBias` with a bias step
         self.out_dir = Path(train_cfg.out_dir) if train_cfg.out_dir else None
         self.step, self.elapsed, self.scale = 0, 0.0, 1.0
         self.params = self.opt_state = self.counter = None
@@ -141,6 +144,11 @@ class Trainer:
         opt = ckpt.optimizer
         self.opt_state = AdamState(int(opt["step"]), native(opt["m"]), native(opt["v"]))
         self.counter = be.asarray(np.asarray(state["tokens_since_fired"], dtype=np.float32))
+        if self.bias_step:
+            shape = (self.cfg.n_experts, self.cfg.expert_width)
+            self.bias_state = selection_bias.SelectionBias(
+                *(be.asarray(np.asarray(state["selection_bias"][name], dtype=np.float32).reshape(shape))
+                  for name in selection_bias.SelectionBias._fields))
         try:
             self.source.load_state_dict(state["data_state"])
         except (KeyError, TypeError, ValueError) as e:
@@ -164,6 +172,7 @@ class Trainer:
             self._local(SwitchSAE.from_params(self.cfg, params, self.backend).params))
         self.opt_state = adam_init(self.params, self.backend.xp)
         self.counter = self.backend.asarray(np.zeros(self.cfg.total_latents, dtype=np.float32))
+        self.bias_state = selection_bias.init_state(self.cfg, self.backend) if self.bias_step else None
         return scaled
 
     # -- the loop -------------------------------------------------------------------------
@@ -218,9 +227,14 @@ class Trainer:
         be = self.backend
         x = be.place_batch(x_np, self.cfg.dtype)
         lr = learning_rate(self.step, self.tc.steps, self.peak_lr, self.tc.warmup, self.tc.decay_fraction)
-        self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, self._dead_mask())
+        self.params, self.opt_state, out = step_fn(self.params, self.opt_state, x, lr, self._dead_mask(),
+                                                   self._select_bias())
         self.step += 1
         self._check_loss(out)
+        if self.bias_state is not None:  # evaluated here on every process: a lazy backend (MLX) would
+            # otherwise run the update's collectives wherever it is next read (rank 0 alone, saving it)
+            self.bias_state = be.block_until_ready(selection_bias.update(
+                self.bias_state, out, self.cfg, be, self.bias_step, self.tc.selection_bias_floor))
         seen = tokens_seen(self.cfg, out.expert, be) if self.tc.dead_count == "expert" else None
         self.counter = update_tokens_since_fired(self.counter, out.top_indices, out.top_values, be, seen)
         return x, lr, out
@@ -232,6 +246,16 @@ class Trainer:
         mask = dead_mask(self.counter, self.dead_tokens)
         # np.any on a copy of the (M,) bools: not every backend's namespace has `any` (MLX's)
         return mask if uses_auxk(self.cfg, mask) and np.any(self.backend.to_numpy(mask)) else None
+
+    def _select_bias(self):
+        """The main TopK's selection bias for this step ((N, m), faded by `selection_bias.scale`),
+        or None: off, or faded to 0."""
+        if self.bias_state is None:
+            return None
+        factor = selection_bias.scale(self.step, self.tc.steps, self.tc.selection_bias_fade)
+        if factor == 0:
+            return None
+        return self.bias_state.bias if factor == 1 else self.bias_state.bias * factor
 
     def _record(self, out, x, lr: float, window: list) -> dict:
         """The metrics line for this step; window: [start time, tokens] since the last line."""
@@ -309,6 +333,9 @@ class Trainer:
             "data_state": self.source.state_dict(),
             "tokens_since_fired": [float(c) for c in self.backend.to_numpy(self.counter)],
         }
+        if self.bias_state is not None:  # float32 -> JSON numbers and back: exact
+            state["selection_bias"] = {name: [float(c) for c in self.backend.to_numpy(a).reshape(-1)]
+                                       for name, a in self.bias_state._asdict().items()}
         optimizer = {"step": int(self.opt_state.step), "m": m, "v": v}
         ckpt_io.write_checkpoint(path, self.cfg, fold_scale(params, self.scale),
                                  optimizer=optimizer, trainer_state=state, overwrite=True)
@@ -350,6 +377,7 @@ def check_config(cfg: SwitchSAEConfig, tc: TrainConfig, backend) -> None:
                           "its range (max 65504); train in bfloat16 or float32 and load the result with "
                           "dtype='float16' (switchsae eval --dtype float16) for inference")
     check_fits_in_memory(cfg, copies=3, what="training (parameters and Adam's two moments)")
+    tc.selection_bias_step(cfg)  # supported by the routing
     backend.check_partition(cfg, tc.batch_size)  # parallel: equal batch slices, whole experts
     if tc.optimizer == "lazy_adam" and backend.parallel:  # its row gradients are one process's
         raise ConfigError(f"optimizer 'lazy_adam' runs on one process; use 'adam' with {backend.describe_parallel()}")
@@ -399,9 +427,26 @@ def read_resumable(path) -> tuple:
                               f"got {len(counter) if isinstance(counter, list) else repr(counter)}")
         for c in counter:
             check_number("tokens_since_fired", c, 0.0)
+        if tc.selection_bias_step(ckpt.cfg):
+            _check_selection_bias(state.get("selection_bias"), ckpt.cfg.n_latents)
     except ConfigError as e:
         raise ckpt_io.CheckpointError(f"{where}: {e}") from e
     if state["step"] > tc.steps or ckpt.optimizer["step"] != state["step"]:
         raise ckpt_io.CheckpointError(f"{where}: step {state['step']} does not fit the run (steps {tc.steps}, "
                                       f"optimizer step {ckpt.optimizer['step']})")
     return ckpt, state, tc
+
+
+def _check_selection_bias(state, n_latents: int) -> None:
+    """A checkpoint's selection-bias state: {"bias": [...], "rate": [...]}, n_latents finite
+    numbers >= 0 each; else ConfigError."""
+    names = selection_bias.SelectionBias._fields
+    if not isinstance(state, dict) or sorted(state) != sorted(names):
+        raise ConfigError(f"selection_bias must be an object with {list(names)}, got {state!r:.80}")
+    for name in names:
+        values = state[name]
+        if not isinstance(values, list) or len(values) != n_latents:
+            raise ConfigError(f"selection_bias.{name} must list {n_latents} numbers (one per routed latent), "
+                              f"got {len(values) if isinstance(values, list) else repr(values)}")
+        for c in values:
+            check_number(f"selection_bias.{name}", c, 0.0)
