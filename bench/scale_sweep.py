@@ -8,7 +8,8 @@ expert width m (so the encoder's work per token stays the same), with AuxK live.
 Each size runs in a fresh process (so its peak resident set, or CUDA's peak allocation, is its
 own): the torch backend's `core.train_step` with the Trainer's defaults (`TrainConfig`: Adam
 betas, clip 1.0, the paper's lr for M), a fixed random 10% of the latents dead (AuxK on, coef
-1/32, k_aux d/2) and the dead-latent counter updated every step as the Trainer does, on random
+1/32, k_aux d/2), the selection bias (`core.selection_bias`, the Trainer's default) and the
+dead-latent counter updated every step as the Trainer does, on random
 Gaussian activations.  d 384, m 1024, k 32, batch 4096 by default; both optimisers (dense
 "adam" up to --dense-max-log2-m).  The AuxK check times the N = 16 step (d 768, M 24576) with
 10% dead against no dead mask, interleaved (`--auxk-check-only`: that alone, printed).  Writes
@@ -36,6 +37,7 @@ def measure_size(log2_m: int, optimizer: str, device: str, dtype: str, threads: 
         torch.set_num_threads(threads)
     from switchsae.backends.torch import Backend
     from switchsae.core import SwitchSAEConfig, adam_init, init_params, train_step
+    from switchsae.core import selection_bias
     from switchsae.core.dead_latents import update_tokens_since_fired
     from switchsae.training import TrainConfig
 
@@ -55,12 +57,16 @@ def measure_size(log2_m: int, optimizer: str, device: str, dtype: str, threads: 
     x = be.asarray(rng.normal(size=(batch, d)), dtype)
     dead = be.asarray(rng.random(M) < DEAD_FRACTION)
     counter = be.asarray(np.zeros(M, np.float32))
-    lr = tc.learning_rate(cfg)
-    box = [params, state, counter]
+    lr, bias_step = tc.learning_rate(cfg), tc.selection_bias_step(cfg)
+    box = [params, state, counter, selection_bias.init_state(cfg, be) if bias_step else None]
 
     def step():
-        p, s, out = train_step(be, cfg, box[0], box[1], x, lr, dead, max_grad_norm=tc.max_grad_norm, optimizer=tc.optimizer)
-        box[:] = [p, s, update_tokens_since_fired(box[2], out.top_indices, out.top_values, be)]
+        bias = box[3]
+        p, s, out = train_step(be, cfg, box[0], box[1], x, lr, dead, None if bias is None else bias.bias,
+                               max_grad_norm=tc.max_grad_norm, optimizer=tc.optimizer)
+        box[:] = [p, s, update_tokens_since_fired(box[2], out.top_indices, out.top_values, be),
+                  None if bias is None else selection_bias.update(bias, out, cfg, be, bias_step,
+                                                                  tc.selection_bias_floor)]
         return out.losses["total"]
 
     if cuda:
