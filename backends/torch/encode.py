@@ -19,10 +19,7 @@ is -sum_t dx[t] = -(per-latent sums of g) @ the latent table, one pass over W_en
 
 from __future__ import annotations
 
-import array_api_compat.torch as torch_xp
 import torch
-
-from switchsae.core.topk import biased_topk
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
 from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, counts, fixed_pattern, gather_sum,
@@ -65,9 +62,11 @@ class ExpertEncodeTopK(torch.autograd.Function):
         acts_sorted = _sorted_pre(x_sorted, W_enc, b_enc, expert_sorted, routing.ends).clamp_(min=0)
         if select_bias is None:
             values_sorted, indices_sorted = topk_lowest_index_ties(acts_sorted, k)
-        else:
-            values_sorted, indices_sorted = biased_topk(acts_sorted, select_bias[expert_sorted], k,
-                                                        topk_lowest_index_ties, torch_xp)
+        else:  # `core.topk.biased_topk` with one (T, m) temporary: bias * (acts > 0) + acts, in place
+            score = select_bias[expert_sorted]
+            indices_sorted = topk_lowest_index_ties(score.masked_fill_(acts_sorted <= 0, 0).add_(acts_sorted), k)[1]
+            del score
+            values_sorted = acts_sorted.gather(1, indices_sorted)
         aux_values = aux_indices = aux_sorted = aux_ids_sorted = ctx.runs = None
         if dead is not None:
             aux_sorted, aux_ids_sorted, ctx.runs = dead_topk(acts_sorted, dead, expert_sorted, aux_k, routing.ends)
