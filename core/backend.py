@@ -126,7 +126,7 @@ class Backend:
         activations), which a backend may return as None when not keep_acts; values, indices:
         (batch, k) = topk(acts) (values gathered from acts, gradient as without bias)."""
         xp = self.xp
-        acts = relu(self.encode(x - b_pre, W_enc, b_enc, expert), self.xp)
+        acts = relu(self.encode(x - b_pre, W_enc, b_enc, expert), xp)
         if select_bias is None:
             values, indices = self.topk(acts, k)
         else:
