@@ -52,17 +52,22 @@ def train_and_measure(fields: dict, args, backend, trainer_cls=None) -> dict:
     ev = evaluate(result.sae, eval_src)
     return {"fvu": round(ev.fvu, 4), "train_dead": round(result.history[-1]["dead_fraction"], 3),
             "heldout_never_fired": round(ev.dead_fraction, 3), "lr": trainer.peak_lr,
-            "dead_tokens": trainer.dead_tokens, "train_wall_s": round(result.wall_time, 1),
+            "dead_tokens": trainer.dead_tokens, "train_wall_s": round(result.wall_time, 3),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv=None) -> int:
-    p = experiment_parser("recipe_search", __doc__)
+def parse_run_args(name: str, doc: str, argv=None):
+    """`python -m experiments.<name>`'s runs and options (`add_run_args`) -> (args, backend)."""
+    p = experiment_parser(name, doc)
     add_run_args(p)
     args = p.parse_args(argv)
     from switchsae import get_backend
 
-    backend = get_backend(args.backend)
+    return args, get_backend(args.backend)
+
+
+def main(argv=None) -> int:
+    args, backend = parse_run_args("recipe_search", __doc__, argv)
     for spec in args.runs:
         print(json.dumps({"run": spec, **train_and_measure(json.loads(spec), args, backend)}), flush=True)
     return 0

@@ -21,7 +21,7 @@ import switchsae
 from switchsae.data import ArraySource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is not installed
-from experiments import paper, variants
+from experiments import paper, step_breakdown, variants
 
 CFG_KW = {"auxk_coef": 1 / 32, "dead_tokens": 100_000}
 NAMES = ["dense"] + [f"{fam} N=8 {v}" for fam in ("width-matched", "flop-matched")
@@ -177,3 +177,38 @@ def test_summarise_averages_seeds_and_divides_by_dense():
     assert paper.summarise(rows[:2])[0]["fvu_sd"] == 0.0  # one seed: no spread; dense first
     md = paper.table([{**sizes, **r} for r in paper.summarise(rows)])
     assert "| 0.2100 ± 0.0141 | 1.000 |" in md and "| 0.1700 ± 0.0141 | 0.810 |" in md
+
+
+# -- step_breakdown -------------------------------------------------------------------------
+def test_step_breakdown_times_the_hooks_of_training_steps_only():
+    """The timer counts a step's loss and gradients with its encode and decode forwards inside,
+    one AuxK call per step with a dead mask (torch's encode_topk calls encode_topk_aux: counted
+    once), nothing from a forward outside a step, and leaves the class's hooks in place after."""
+    from switchsae.core import adam_init, init_params, spec, train_step
+
+    be = switchsae.get_backend("torch")
+    cfg = SwitchSAEConfig(d_in=16, n_latents=64, n_experts=4, k=4, auxk_coef=1 / 32)
+    params = be.training_layout({n: be.asarray(p, "float32") for n, p in init_params(cfg, 0).items()})
+    state = adam_init(params, be.xp)
+    x = be.asarray(np.random.default_rng(0).normal(size=(256, 16)), "float32")
+    dead = be.asarray(np.arange(64) % 5 == 0)
+    timer = step_breakdown.HookTimer(be)
+    for mask in (dead, None, dead):
+        params, state, _ = train_step(be, cfg, params, state, x, 1e-3, mask)
+    assert timer.auxk_calls == 2
+    seconds = dict(timer.seconds)
+    assert all(seconds[g] > 0 for g in step_breakdown.HOOKS)
+    assert seconds["encode"] + seconds["decode"] < seconds["loss_grads"]
+    spec.forward(params, x, cfg, be, dead)  # an evaluation-like forward, outside a step
+    assert dict(timer.seconds) == seconds and timer.auxk_calls == 2
+    timer.restore()
+    assert "update" not in vars(be) and type(be).update is be.update.__func__
+    parts = step_breakdown.breakdown(seconds, 0.3, 3)
+    assert parts["backward_rest"] == pytest.approx(1e3 * (seconds["loss_grads"] - seconds["encode"]
+                                                          - seconds["decode"]) / 3)
+    assert parts["rest"] == pytest.approx(100.0 - 1e3 * (seconds["optimiser"] + seconds["loss_grads"]) / 3)
+
+
+def test_step_breakdown_refuses_a_backend_that_compiles_its_step():
+    with pytest.raises(ValueError, match="eager backends only; 'jax'"):
+        step_breakdown.HookTimer(switchsae.get_backend("jax"))
