@@ -12,7 +12,7 @@ JSON line per run: milliseconds per step of
   rest            step - optimiser - loss_grads: the data, the dead-latent and selection-bias
                   bookkeeping, logging
 
-and how many steps ran AuxK (a dead mask was given).  For example, the FLOP-matched N = 8 run
+and how many steps ran AuxK (their loss had its AuxK term: a dead mask and auxk_coef > 0).  For example, the FLOP-matched N = 8 run
 against dense TopK:
 
     taskset -c 1 env OMP_NUM_THREADS=1 python -m experiments.step_breakdown --corpus python-docs \\
@@ -28,6 +28,9 @@ import functools
 import json
 import time
 
+from switchsae.core.backend import Backend
+from switchsae.core.spec import uses_auxk
+
 from .recipe_search import parse_run_args, train_and_measure
 
 # timed hook groups: a hook called from another of its group (torch's encode_topk calls
@@ -39,31 +42,30 @@ HOOKS = {"optimiser": ("update", "lazy_update"), "loss_grads": ("loss_and_grads"
 
 class HookTimer:
     """Times `backend`'s HOOKS by replacing them on the instance (the class is left alone).
-    seconds: group -> total; auxk_calls: encode_topk_aux calls with a dead mask."""
+    seconds: group -> total; auxk_steps: steps whose loss had its AuxK term."""
 
     def __init__(self, backend):
-        from switchsae.core.backend import Backend
-
         if type(backend).compile_step is not Backend.compile_step:
             raise ValueError(f"step_breakdown times eager backends only; {backend.name!r} compiles its "
                              "step, so its hooks run once while tracing")
         self.backend = backend
         self.seconds = collections.Counter()
-        self.auxk_calls = 0
+        self.auxk_steps = 0
         self.depth = {group: 0 for group in HOOKS}
         for group, names in HOOKS.items():
             for name in names:
-                setattr(backend, name, self._timed(group, name, getattr(backend, name)))
+                setattr(backend, name, self._timed(group, getattr(backend, name)))
 
-    def _timed(self, group: str, name: str, hook):
+    def _timed(self, group: str, hook):
         forward_part = group in ("encode", "decode")
 
         @functools.wraps(hook)
         def timed(*args, **kwargs):
             if self.depth[group] or (forward_part and not self.depth["loss_grads"]):
                 return hook(*args, **kwargs)
-            if name == "encode_topk_aux":  # (x, b_pre, W_enc, b_enc, expert, k, dead, ...)
-                self.auxk_calls += kwargs.get("dead", args[6] if len(args) > 6 else None) is not None
+            if group == "loss_grads":  # (params, x, cfg, dead_mask, ...): the step's loss has AuxK
+                cfg, mask = args[2], kwargs.get("dead_mask", args[3] if len(args) > 3 else None)
+                self.auxk_steps += uses_auxk(cfg, mask)
             self.depth[group] += 1
             t0 = time.perf_counter()
             try:
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
             timer.restore()
         parts = breakdown(timer.seconds, measured["train_wall_s"], args.steps)
         print(json.dumps({"run": spec, "ms_per_step": {k: round(v, 2) for k, v in parts.items()},
-                          "auxk_steps": timer.auxk_calls, "fvu": measured["fvu"],
+                          "auxk_steps": timer.auxk_steps, "fvu": measured["fvu"],
                           "train_wall_s": measured["train_wall_s"]}), flush=True)
     return 0
 

@@ -181,9 +181,9 @@ def test_summarise_averages_seeds_and_divides_by_dense():
 
 # -- step_breakdown -------------------------------------------------------------------------
 def test_step_breakdown_times_the_hooks_of_training_steps_only():
-    """The timer counts a step's loss and gradients with its encode and decode forwards inside,
-    one AuxK call per step with a dead mask (torch's encode_topk calls encode_topk_aux: counted
-    once), nothing from a forward outside a step, and leaves the class's hooks in place after."""
+    """The timer counts a step's loss and gradients with its encode and decode forwards inside
+    (torch's encode_topk calls encode_topk_aux: timed once), the steps given a dead mask as AuxK
+    steps, nothing from a forward outside a step, and leaves the class's hooks in place after."""
     from switchsae.core import adam_init, init_params, spec, train_step
 
     be = switchsae.get_backend("torch")
@@ -195,12 +195,12 @@ def test_step_breakdown_times_the_hooks_of_training_steps_only():
     timer = step_breakdown.HookTimer(be)
     for mask in (dead, None, dead):
         params, state, _ = train_step(be, cfg, params, state, x, 1e-3, mask)
-    assert timer.auxk_calls == 2
+    assert timer.auxk_steps == 2
     seconds = dict(timer.seconds)
     assert all(seconds[g] > 0 for g in step_breakdown.HOOKS)
     assert seconds["encode"] + seconds["decode"] < seconds["loss_grads"]
     spec.forward(params, x, cfg, be, dead)  # an evaluation-like forward, outside a step
-    assert dict(timer.seconds) == seconds and timer.auxk_calls == 2
+    assert dict(timer.seconds) == seconds and timer.auxk_steps == 2
     timer.restore()
     assert "update" not in vars(be) and type(be).update is be.update.__func__
     parts = step_breakdown.breakdown(seconds, 0.3, 3)
