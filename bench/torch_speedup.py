@@ -71,7 +71,7 @@ class NaiveBackend(TorchBackend):
             top_indices = top_indices.index_copy(0, rows, local + e * m)
         x_hat = x_hat + p["b_pre"]
         xp = self.xp
-        mse = L.mse_loss(x, x_hat, xp)
+        mse = L.mse_loss(x - x_hat, xp)
         lb = L.load_balance_loss(probs, L.expert_fractions(expert, cfg.n_experts, probs.dtype, xp), xp)
         losses = {"mse": mse, "lb": lb, "auxk": torch.zeros_like(mse), "total": mse + cfg.lb_weight * lb}
         return ForwardOutput(x_hat, expert, probs, top_values, top_indices, losses)

@@ -3,10 +3,10 @@
 from .router import expert_counts
 
 
-def mse_loss(x, x_hat, xp):
-    """mean over tokens of ||x - x_hat||^2.  x, x_hat: (batch, d) -> scalar."""
-    diff = x - x_hat
-    return xp.mean(xp.sum(diff * diff, axis=-1))  # a product, not ** 2: a cheaper autograd graph
+def mse_loss(error, xp):
+    """mean over tokens of ||x - x_hat||^2.  error = x - x_hat: (batch, d) (AuxK's residual too,
+    so it is formed once) -> scalar."""
+    return xp.mean(xp.sum(error * error, axis=-1))  # a product, not ** 2: a cheaper autograd graph
 
 
 def expert_fractions(experts, n_experts, dtype, xp):
@@ -35,4 +35,5 @@ def auxk_loss(aux_recon, residual, n_dead, k_aux, variance, xp):
     total variance of x (`total_variance`).
     scale min(n_dead / k_aux, 1) * sum ||aux_recon - residual||^2 / total variance."""
     scale = xp.minimum(n_dead / k_aux, xp.ones_like(n_dead))
-    return scale * xp.sum((aux_recon - residual) ** 2) / variance
+    diff = aux_recon - residual
+    return scale * xp.sum(diff * diff) / variance  # a product, as `mse_loss`

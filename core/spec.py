@@ -194,7 +194,8 @@ def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: boo
         x_hat = x_hat + backend.decode(shared_values, shared_indices, params["W_dec_shared"])
 
     stats = backend.batch_statistics()
-    mse = L.mse_loss(x, x_hat, xp)
+    error = x - x_hat
+    mse = L.mse_loss(error, xp)
     lb = L.load_balance_loss(probs, stats.expert_fractions(experts, cfg.n_experts, probs.dtype, xp), xp)
     total = mse + cfg.lb_weight * lb
     n_dead = None
@@ -202,7 +203,7 @@ def trace(params: dict, x, cfg, backend, dead_mask=None, keep_intermediates: boo
         auxk = xp.zeros_like(mse)
     else:  # the dead latents reconstruct the detached residual
         n_dead = xp.sum(xp.astype(dead_mask[:cfg.n_latents], x.dtype))
-        auxk = L.auxk_loss(ex.aux_recon, backend.stop_gradient(x - x_hat), n_dead, float(cfg.aux_k),
+        auxk = L.auxk_loss(ex.aux_recon, backend.stop_gradient(error), n_dead, float(cfg.aux_k),
                            stats.total_variance(x, xp), xp)
         total = total + cfg.auxk_coef * auxk
     expert = experts[:, 0] if cfg.experts_per_token == 1 else experts

@@ -325,6 +325,27 @@ def test_sparse_decode_of_runs_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(lambda v, t: sparse_decode(v, indices, t), (positive, table))
 
 
+def test_sparse_decode_of_runs_hands_lazy_adam_the_rows_with_gradient(monkeypatch):
+    """A decode whose rows are all runs (no gathered entries) gives lazy Adam's collector the
+    table gradient at exactly the latents with a non-zero weight, equal to the dense gradient's
+    rows there."""
+    monkeypatch.setattr(sparse, "RUN_MIN_ROWS", 2)
+    g = torch.Generator().manual_seed(6)
+    indices = torch.tensor([[1, 6, 2]] * 3 + [[0, 7, 4]] * 4 + [[3, 1, 5]] * 2)
+    values = torch.rand(9, 3, generator=g, dtype=torch.float64)
+    values[:3, 1] = 0.0
+    values[7:, 2] = 0.0  # latents 6 and 5: no weight, no gradient
+    W_dec = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
+    weights = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    sink = lazy.RowGradients({"W_dec": W_dec})
+    (sparse_decode(values.clone().requires_grad_(True), indices, W_dec.view(8, 4), sink) * weights).sum().backward()
+    rows = sink.rows()["W_dec"]
+    table = W_dec.view(8, 4).clone().requires_grad_(True)
+    (sparse_decode(values, indices, table) * weights).sum().backward()
+    assert rows.ids.tolist() == [0, 1, 2, 3, 4, 7]
+    torch.testing.assert_close(rows.values, table.grad[rows.ids], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("runs", [False, True], ids=["aux_gathers", "aux_runs"])
 def test_decode_with_aux_equals_two_decodes_with_one_table_gradient(runs, monkeypatch):
     """decode_with_aux (the main TopK's and AuxK's entries of one table, one table gradient)
@@ -360,11 +381,22 @@ def test_touched_row_buffers_come_in_few_sizes():
     g = torch.Generator().manual_seed(2)
     p = sparse.fixed_pattern(torch.randint(0, 500, (40, 3), generator=g), 500)
     w, src = torch.randn(120, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g, dtype=torch.float64)
-    ids, local = sparse.compact_cols(p)
+    ids, local, _ = sparse.compact_cols(p)
     rows = sparse.scatter_rows(local, w, src)
     assert rows.shape == (ids.shape[0], 6)
     assert rows.untyped_storage().nbytes() == 8 * 6 * sparse.row_capacity(ids.shape[0])
     torch.testing.assert_close(rows, sparse.scatter_outer(p, w, src)[ids], rtol=1e-12, atol=1e-12)
+
+
+def test_compact_cols_renumbers_the_pattern_and_more_ids_into_one_union():
+    """The pattern's columns and the extra id arrays (AuxK's blocks) share one ascending set of
+    ids, and every entry's new number points back at its own id."""
+    p = sparse.fixed_pattern(torch.tensor([[5, 1], [1, 9]]), 12)
+    more = torch.tensor([9, 3]), torch.tensor([7])
+    ids, local, at = sparse.compact_cols(p, *more)
+    assert ids.tolist() == [1, 3, 5, 7, 9] and local.n_cols == 5
+    assert ids[local.cols].tolist() == p.cols.tolist() and [ids[a].tolist() for a in at] == [[9, 3], [7]]
+    assert torch.equal(local.rows, p.rows) and torch.equal(local.row_ptr, p.row_ptr)
 
 
 def test_sparse_decode_gradcheck():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import sort_rows, unsort_rows
-from .sparse import (compact_cols, concat_patterns, fixed_pattern, gather_sum, nonzero_entries, run_columns,
+from .sparse import (compact_cols, compact_union, concat_patterns, fixed_pattern, gather_sum, nonzero_entries, run_columns,
                      run_gather_sum, run_sampled_dot, run_scatter_outer, runs_of, sampled_dot, scatter_outer,
                      scatter_rows)
 
@@ -56,13 +56,18 @@ class SparseDecode(torch.autograd.Function):
                 grad_table = scatter_outer(pattern, weights, src) if gathers else table.new_zeros(table.shape)
                 for part, g in runs:
                     grad_table.index_add_(0, part.used.ids, run_scatter_outer(part.used, g))
-            if ctx.sink is not None:  # lazy Adam: (rows used, d), no (M, d) table
+            if ctx.sink is not None:  # lazy Adam: (rows used, d), no (M, d) table: one set of rows over the
+                # union of the gathered entries' latents and the runs'
+                run_ids = [part.used.ids for part, _ in runs]
                 if gathers:
-                    ids, local = compact_cols(pattern)
-                    ctx.sink.add("W_dec", ids, scatter_rows(local, weights, src))
-                for part, g in runs:
-                    ids, by_id = torch.sort(part.used.ids)
-                    ctx.sink.add("W_dec", ids, run_scatter_outer(part.used, g).index_select(0, by_id))
+                    ids, local, at = compact_cols(pattern, *run_ids)
+                    rows = scatter_rows(local, weights, src)
+                else:
+                    ids, at = compact_union(table.shape[0], *run_ids)
+                    rows = table.new_zeros((ids.shape[0], table.shape[1]))
+                for (part, g), positions in zip(runs, at):
+                    rows.index_add_(0, positions, run_scatter_outer(part.used, g))
+                ctx.sink.add("W_dec", ids, rows)
         return (grad_table, None, *(x for gv in grad_values for x in (gv, None)))
 
 

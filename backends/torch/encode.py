@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
-from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, compact_cols, counts, fixed_pattern, gather_sum,
+from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, all_columns, compact_cols, counts, fixed_pattern, gather_sum,
                      nonzero_entries, row_pattern, run_columns, run_gather_sum, run_scatter_outer, run_sums, runs_pay,
                      scatter_outer, scatter_rows)
 from .topk import topk_lowest_index_ties
@@ -94,8 +94,9 @@ class ExpertEncodeTopK(torch.autograd.Function):
         aux_grad = None if aux_values is None else _through_relu(grad_aux, aux_values, perm)
         blocks = None
         if grad_acts is None:  # only the kept values carry gradient: k (+ j) entries per row
-            if ctx.runs is not None:  # AuxK's dense runs: GEMMs
-                blocks = run_columns(ctx.runs, aux_grad)
+            if ctx.runs is not None:  # AuxK's dense runs: GEMMs (over every dead latent for a dense
+                # gradient, where a zero column adds nothing; lazy Adam's rows: the ones with gradient)
+                blocks = run_columns(ctx.runs, aux_grad) if ctx.sink is not None else all_columns(ctx.runs, aux_grad)
             elif aux_grad is not None:  # one k + j pattern
                 kept_grad, indices = torch.cat([kept_grad, aux_grad], 1), torch.cat([indices, aux_ids], 1)
             pattern, values, _ = nonzero_entries(fixed_pattern(expert_sorted[:, None] * m + indices, n * m),
@@ -146,39 +147,39 @@ def dead_topk(acts_sorted, dead, expert_sorted, aux_k: int, ends):
     per_expert = dead.sum(1)
     width = max(int(per_expert.max()), 1)
     dead_ids = torch.argsort(~dead, dim=1, stable=True)[:, :width]  # dead local ids first, ascending
-    valid = torch.arange(width, device=dead.device) < per_expert[:, None]
     n_rows = acts_sorted.shape[0]
     stops = ends.tolist()
     starts = [0, *stops[:-1]]
     runs = [(e, a, b) for e, (a, b) in enumerate(zip(starts, stops)) if b > a]
-    if width <= aux_k and runs_pay(len(runs), n_rows):
-        ids = dead_ids[expert_sorted]
-        cand = torch.gather(acts_sorted, 1, ids)
-        live = valid[expert_sorted] & (cand > 0)
-        if int(live.sum()) >= RUN_MIN_DENSITY * n_rows * width:
-            return cand.mul_(live), ids, Runs([a for _, a, _ in runs] + [n_rows],
-                                              [dead_ids[e] + e * m for e, _, _ in runs])
+    # both forms read the candidates: each row's acts at its expert's dead ids (T, width), >= 0
+    # (relu'd, so their zeros are inert as they are), 0 in the padding slots
+    slot_ids = dead_ids[expert_sorted]
+    cand = torch.gather(acts_sorted, 1, slot_ids)
+    n_dead = per_expert.tolist()
+    for e, a, b in runs:
+        cand[a:b, n_dead[e]:] = 0
+    positive = cand > 0
+    if width <= aux_k and runs_pay(len(runs), n_rows) and int(positive.sum()) >= RUN_MIN_DENSITY * n_rows * width:
+        return cand, slot_ids, Runs([a for _, a, _ in runs] + [n_rows],
+                                    [dead_ids[e, :n_dead[e]] + e * m for e, _, _ in runs])
     # the positive dead acts, row-major: each row's in ascending id order
-    rows, local = torch.nonzero(dead[expert_sorted] & (acts_sorted > 0)).unbind(1)
+    rows, slots = torch.nonzero(positive).unbind(1)
     per_row = counts(rows, n_rows)
     most = int(per_row.max()) if n_rows else 0  # a process may hold no rows
     j = max(min(most, aux_k), 1)
-    values, ids = acts_sorted.new_zeros((n_rows, j)), local.new_zeros((n_rows, j))
+    values, ids = acts_sorted.new_zeros((n_rows, j)), slot_ids.new_zeros((n_rows, j))
     crowded = torch.nonzero(per_row > aux_k).squeeze(1) if most > aux_k else None
     if crowded is not None:  # those rows select below; the others keep all their positive ones
         fits = per_row[rows] <= aux_k
-        rows, local = rows[fits], local[fits]
+        rows, slots = rows[fits], slots[fits]
         per_row = per_row.masked_fill(per_row > aux_k, 0)
     pos = torch.arange(rows.shape[0], device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
-    values[rows, pos], ids[rows, pos] = acts_sorted[rows, local], local
+    values[rows, pos], ids[rows, pos] = cand[rows, slots], slot_ids[rows, slots]
     if crowded is not None:
-        crowded_experts = expert_sorted[crowded]
-        crowded_ids = dead_ids[crowded_experts]
-        cand = torch.gather(acts_sorted[crowded], 1, crowded_ids)
+        crowded_cand, crowded_ids = cand[crowded], slot_ids[crowded]
         # not positive dead: below every live entry, lower positions ranked higher (no ties)
         filler = -1.0 - torch.arange(width, device=cand.device, dtype=cand.dtype)
-        live = valid[crowded_experts] & (cand > 0)
-        top, slot = topk_lowest_index_ties(torch.where(live, cand, filler), j)
+        top, slot = topk_lowest_index_ties(torch.where(crowded_cand > 0, crowded_cand, filler), j)
         values[crowded], ids[crowded] = top.clamp_(min=0), torch.gather(crowded_ids, 1, slot)
     return values, ids, None
 
@@ -224,15 +225,17 @@ def _sparse_backward(pattern: Pattern, values, blocks: RunColumns | None, x_rows
 def _collect_rows(sink, pattern: Pattern, values, blocks: RunColumns | None, x_rows, has_b: bool) -> None:
     """Hand W_enc's gradient rows (and b_enc's entries) at the latents of `pattern` (its entries
     have non-zero values) and of `blocks` to the lazy-Adam collector `sink` (`lazy.RowGradients`):
-    (r, d) and (r,), no (N*m, d) table."""
-    ids, local = compact_cols(pattern)
-    sink.add("W_enc", ids, scatter_rows(local, values, x_rows))
-    if has_b:
-        sink.add("b_enc", ids, _latent_sums(local, values))
-    if blocks is not None:  # ascending latents: runs in expert order, each run's ids ascending
-        sink.add("W_enc", blocks.ids, run_scatter_outer(blocks, x_rows))
+    (r, d) and (r,) over the union of their latents, no (N*m, d) table."""
+    ids, local, at = compact_cols(pattern, *([] if blocks is None else [blocks.ids]))
+    rows = scatter_rows(local, values, x_rows)
+    sums = _latent_sums(local, values) if has_b else None
+    if blocks is not None:  # AuxK's runs: added at their latents' rows
+        rows.index_add_(0, at[0], run_scatter_outer(blocks, x_rows))
         if has_b:
-            sink.add("b_enc", blocks.ids, run_sums(blocks))
+            sums.index_add_(0, at[0], run_sums(blocks))
+    sink.add("W_enc", ids, rows)
+    if has_b:
+        sink.add("b_enc", ids, sums)
 
 
 def _latent_rows(W_enc):

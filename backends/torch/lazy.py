@@ -61,7 +61,8 @@ class RowGradients:
 
     def add(self, name: str, ids, values) -> None:
         """ids: (r,) ascending latents, each with a non-zero weight in the part's pattern (the
-        callers drop zero-weight entries); values: their gradient rows (r, d) or entries (r,)."""
+        callers drop zero-weight entries); values: their gradient rows (r, d) or entries (r,), handed
+        over (`rows` may add other parts into them in place)."""
         self.parts[name].append((ids, values))
 
     def rows(self) -> dict:
@@ -77,15 +78,19 @@ class RowGradients:
         out = {}
         for name, p in self.params.items():
             parts = self.parts.pop(name)
-            if len(parts) == 1 and parts[0][0].shape == ids.shape:  # already over every id, in order
-                total = parts[0][1].to(p.dtype)
+            # a part already over every id, in order (ascending unique ids, as many as the union:
+            # e.g. the main TopK's, which AuxK's latents lie among), is the sum the others add into
+            # in place (each part's values are its own buffer)
+            whole = next((i for i, (part_ids, _) in enumerate(parts) if part_ids.shape == ids.shape), None)
+            if whole is not None:
+                total = parts.pop(whole)[1].to(p.dtype)
             else:
                 row_shape = p.shape[2:] if name == "W_dec" else p.shape[1:2] if name == "W_enc" else ()
                 total = p.new_zeros((row_capacity(ids.shape[0]), *row_shape))[:ids.shape[0]]  # see scatter_rows
-                while parts:  # each part freed once added
-                    part_ids, values = parts.pop()
-                    total.index_add_(0, slot[part_ids], values.to(total.dtype))
-                    del values
+            while parts:  # each part freed once added
+                part_ids, values = parts.pop()
+                total.index_add_(0, slot[part_ids], values.to(total.dtype))
+                del values
             del parts
             out[name] = Rows(ids, total)
         return out

@@ -95,11 +95,20 @@ def nonzero_entries(p: Pattern, weights: torch.Tensor):
         weights.index_select(0, keep), keep
 
 
-def compact_cols(p: Pattern) -> tuple[torch.Tensor, Pattern]:
-    """The pattern over the columns it uses: -> (those columns (r,) ascending, the pattern with
-    cols renumbered 0..r-1 in that order)."""
-    unique, position = compact(p.cols, p.n_cols)
-    return unique, Pattern(p.rows, position, p.row_ptr, unique.shape[0])
+def compact_cols(p: Pattern, *more: torch.Tensor) -> tuple[torch.Tensor, Pattern, list]:
+    """The pattern over the columns it uses and those in `more` (id arrays over the same columns,
+    e.g. AuxK's blocks): -> (those columns (r,) ascending, the pattern with cols renumbered
+    0..r-1 in that order, each of `more` renumbered likewise), so that their rows can be summed
+    into one (r, d) result in place."""
+    unique, (local, *renumbered) = compact_union(p.n_cols, p.cols, *more)
+    return unique, Pattern(p.rows, local, p.row_ptr, unique.shape[0]), renumbered
+
+
+def compact_union(n: int, *ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """`compact` of several id arrays (each (nnz_i,) in 0..n-1) together: -> (their unique ids
+    ascending, each array's positions in them)."""
+    unique, position = compact(torch.cat(ids) if len(ids) != 1 else ids[0], n)
+    return unique, list(position.split([i.shape[0] for i in ids]))
 
 
 def scatter_rows(p: Pattern, weights: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,8 @@ def counts(index: torch.Tensor, n: int) -> torch.Tensor:
 
 class Runs(NamedTuple):
     """Blocks of consecutive rows sharing one column list: run r holds rows
-    bounds[r]:bounds[r + 1] (host ints, ascending) and columns cols[r] (j,) int64."""
+    bounds[r]:bounds[r + 1] (host ints, ascending) and columns cols[r] (j_r <= j,) int64 in its
+    first j_r slots (of an index matrix (n_rows, j); the slots past j_r hold zero weights)."""
 
     bounds: list
     cols: list
@@ -195,11 +205,20 @@ def run_columns(r: Runs, weights: torch.Tensor) -> RunColumns:
     return RunColumns(ids, blocks, weights.shape[1])
 
 
+def all_columns(r: Runs, weights: torch.Tensor) -> RunColumns:
+    """`run_columns` without the scan: every column of each run, as used (zero weights add nothing
+    to a product; for results where a zero-weight column may appear, e.g. a dense gradient)."""
+    blocks = [RunBlock(start, end, cols, slice(0, cols.shape[0]), weights[start:end, :cols.shape[0]])
+              for start, end, cols in zip(r.bounds, r.bounds[1:], r.cols)]
+    ids = torch.cat([b.ids for b in blocks]) if blocks else weights.new_zeros(0, dtype=torch.int64)
+    return RunColumns(ids, blocks, weights.shape[1])
+
+
 def run_gather_sum(used: RunColumns, n_rows: int, table: torch.Tensor) -> torch.Tensor:
     """table (n_cols, d) -> (n_rows, d) in table's dtype: each run's rows = its used weights @
     table[used columns] (rows outside every run: 0)."""
     dt = accumulation_dtype(table.dtype)
-    out = table.new_zeros((n_rows, table.shape[1]), dtype=dt)
+    out = (table.new_empty if _covers(used.blocks, n_rows) else table.new_zeros)((n_rows, table.shape[1]), dtype=dt)
     for b in used.blocks:
         torch.mm(b.weights.to(dt), table.index_select(0, b.ids).to(dt), out=out[b.start:b.end])
     return out.to(table.dtype)
@@ -209,10 +228,24 @@ def run_sampled_dot(used: RunColumns, src: torch.Tensor, table: torch.Tensor) ->
     """src: (n_rows, d); table (n_cols, d) -> (n_rows, j) in src's dtype: each row's dot product
     with each used column of its run, in that column's slot; 0 in the other slots."""
     dt = accumulation_dtype(src.dtype)
-    out = src.new_zeros((src.shape[0], used.width), dtype=dt)
-    for b in used.blocks:
-        out[b.start:b.end, b.slots] = src[b.start:b.end].to(dt) @ table.index_select(0, b.ids).to(dt).t()
-    return out.to(src.dtype)
+    out = src.new_zeros((used.width, src.shape[0]), dtype=dt)  # transposed: (columns, d) @ (d, rows) is
+    for b in used.blocks:  # ~10 % faster on one CPU core than rows @ columns.T at AuxK's shapes
+        dots = (table.index_select(0, b.ids).to(dt), src[b.start:b.end].to(dt).t())
+        if isinstance(b.slots, slice):
+            torch.mm(*dots, out=out[b.slots, b.start:b.end])
+        else:
+            out[b.slots, b.start:b.end] = torch.mm(*dots)
+    return out.t().contiguous().to(src.dtype)
+
+
+def _covers(blocks: list, n_rows: int) -> bool:
+    """Whether the blocks' rows are 0..n_rows-1, each once (in order)."""
+    end = 0
+    for b in blocks:
+        if b.start != end:
+            return False
+        end = b.end
+    return end == n_rows
 
 
 def run_scatter_outer(used: RunColumns, src: torch.Tensor) -> torch.Tensor:
