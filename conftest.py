@@ -53,3 +53,46 @@ def _dtype_supported(request):
     if "dtype" in request.fixturenames and "backend_name" in request.fixturenames:
         backend, dtype = request.getfixturevalue("backend"), request.getfixturevalue("dtype")
         assert dtype in backend.dtypes, f"backend {backend.name} must support {dtype}"
+
+
+# -- the whole suite on every CPU (pytest-xdist) --------------------------------------------------
+# `pytest` with no paths (the README's command, CI) runs one worker per CPU this process may use
+# (os.sched_getaffinity: a `taskset` or a container's cpuset counts), a whole file per worker
+# (--dist loadfile), so each file's module fixtures run once; one CPU, a path or test named on
+# the command line, or an explicit -n runs as given (in-process unless -n asks otherwise).  Most
+# of the suite is single-threaded compiling (XLA, torch.compile) and subprocesses that wait on
+# each other, so a second worker roughly halves the time.  The files that hold minutes of work
+# go first, so no worker is left with a long one when the other has finished.
+LONG_FILES = ("tests/test_gpu_proof.py", "conformance/test_conformance.py", "tests/test_parallel_cli.py",
+              "tests/test_jax_lazy.py", "conformance/test_properties.py", "tests/test_jax_backend.py",
+              "tests/test_jax_sharding.py", "tests/test_jax_auxk.py")
+
+
+def _workers() -> int:
+    """$PYTEST_XDIST_AUTO_NUM_WORKERS (xdist's own override for -n auto), else the CPUs."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip().isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if (hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist") or not whole_suite
+            or config.option.numprocesses is not None or config.option.dist != "no"
+            or config.getoption("usepdb") or config.option.collectonly or _workers() < 2):
+        return
+    workers = _workers()
+    config.option.numprocesses = workers
+    config.option.tx = ["popen"] * workers
+    config.option.dist = "loadfile"
+    config.option.loadscopereorder = False  # keep LONG_FILES first (pytest_collection_modifyitems)
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # the workers' order is the order files are handed out
+        rank = {name: i for i, name in enumerate(LONG_FILES)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

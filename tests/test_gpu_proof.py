@@ -112,3 +112,13 @@ def test_a_folder_that_is_not_a_proofs_is_never_cleared(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert gpu_proof.slug("NVIDIA H200") == "nvidia-h200" and gpu_proof.slug("NVIDIA H100 80GB HBM3") == \
         "nvidia-h100-80gb-hbm3"
+
+
+def test_the_install_stage_asks_for_the_test_tools_by_their_own_names():
+    """The proof installs the project's dependencies and the two test tools its stages run
+    (pytest, hypothesis), each a module it can then import; plugins of the test extra such as
+    pytest-xdist (no module `pytest_xdist`) are not among them."""
+    wanted = gpu_proof._requirements()
+    names = [r.split(">")[0].split("=")[0] for r in wanted]
+    assert "pytest" in names and "hypothesis" in names and "numpy" in names
+    assert not any(n.startswith("pytest-") for n in names), wanted

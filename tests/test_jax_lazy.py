@@ -114,7 +114,14 @@ def _reference_grads(case):
 
 
 def _lowered(optimizer, mode="tiles", dead_fraction=0.1, batch=64):
-    """The jaxpr and the compiled CPU step (donated) of a train step with M * d >> batch * k * d."""
+    """The jaxpr and the compiled CPU step (donated) of a train step with M * d >> batch * k * d.
+    Cached (`_lower`): two tests read the same lazy tiles step, and compiling it is the cost;
+    the tests only inspect what it returns, never run it."""
+    return _lower(optimizer, mode, dead_fraction, batch)
+
+
+@functools.cache
+def _lower(optimizer, mode, dead_fraction, batch):
     cfg = SwitchSAEConfig(d_in=32, n_latents=65536, n_experts=16, k=4, encoder_bias=True, auxk_coef=1 / 32,
                           k_aux=8)
     params = {n: jnp.asarray(p, jnp.float32) for n, p in init_params(cfg, 0).items()}

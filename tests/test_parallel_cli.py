@@ -61,6 +61,14 @@ def _single(backend, data, out, monkeypatch):
     return out
 
 
+@pytest.fixture(scope="module")
+def jax_single(tmp_path_factory, data):
+    """The one-process JAX run both JAX modes are compared with (the same command for both;
+    ~50 s of compiling on one core, so run once).  The tests only read it."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _single("jax", data, tmp_path_factory.mktemp("jax_single") / "single", monkeypatch)
+
+
 def _assert_same_run(run, single, data, backend):
     x = np.load(min(data.glob("*.npy")))[:128]
     reference, got = _metrics(single), _metrics(run)
@@ -99,8 +107,8 @@ def test_torch_under_torchrun(tmp_path, data, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["data", "expert"])
-def test_jax_over_four_devices(tmp_path, data, monkeypatch, mode):
-    single = _single("jax", data, tmp_path / "single", monkeypatch)
+def test_jax_over_four_devices(tmp_path, data, jax_single, mode):
+    single = jax_single
     rc, log = launch.run([*TRAIN, "--backend", "jax", "--parallel", mode, *CLI, "--data", data,
                           "--out", tmp_path / mode], TIMEOUT_S, env=JAX_DEVICES)
     assert rc == 0, log
