@@ -83,9 +83,11 @@ def pytest_cmdline_main(config):
     whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
     if (hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist") or not whole_suite
             or config.option.numprocesses is not None or config.option.dist != "no"
-            or config.getoption("usepdb") or config.option.collectonly or _workers() < 2):
+            or config.getoption("usepdb") or config.option.collectonly):
         return
     workers = _workers()
+    if workers < 2:
+        return
     config.option.numprocesses = workers
     config.option.tx = ["popen"] * workers
     config.option.dist = "loadfile"

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .dispatch import sort_rows, unsort_rows
-from .sparse import (compact_cols, compact_union, concat_patterns, fixed_pattern, gather_sum, nonzero_entries, run_columns,
-                     run_gather_sum, run_sampled_dot, run_scatter_outer, runs_of, sampled_dot, scatter_outer,
-                     scatter_rows)
+from .sparse import (compact_cols, compact_union, concat_patterns, fixed_pattern, gather_sum, nonzero_entries,
+                     row_capacity, run_columns, run_gather_sum, run_sampled_dot, run_scatter_outer, runs_of,
+                     sampled_dot, scatter_outer, scatter_rows)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -63,8 +63,8 @@ class SparseDecode(torch.autograd.Function):
                     ids, local, at = compact_cols(pattern, *run_ids)
                     rows = scatter_rows(local, weights, src)
                 else:
-                    ids, at = compact_union(table.shape[0], *run_ids)
-                    rows = table.new_zeros((ids.shape[0], table.shape[1]))
+                    ids, at = compact_union(table.shape[0], *run_ids)  # a bucketed buffer, as scatter_rows'
+                    rows = table.new_zeros((row_capacity(ids.shape[0]), table.shape[1]))[:ids.shape[0]]
                 for (part, g), positions in zip(runs, at):
                     rows.index_add_(0, positions, run_scatter_outer(part.used, g))
                 ctx.sink.add("W_dec", ids, rows)

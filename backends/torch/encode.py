@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from .dispatch import grouped_matmul, route, sort_rows, unsort_rows
-from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, all_columns, compact_cols, counts, fixed_pattern, gather_sum,
-                     nonzero_entries, row_pattern, run_columns, run_gather_sum, run_scatter_outer, run_sums, runs_pay,
-                     scatter_outer, scatter_rows)
+from .sparse import (Pattern, RunColumns, Runs, accumulation_dtype, all_columns, compact_cols, counts, fixed_pattern,
+                     gather_sum, nonzero_entries, row_pattern, run_columns, run_gather_sum, run_scatter_outer, run_sums,
+                     runs_pay, scatter_outer, scatter_rows)
 from .topk import topk_lowest_index_ties
 
 

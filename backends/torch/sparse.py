@@ -201,8 +201,7 @@ def run_columns(r: Runs, weights: torch.Tensor) -> RunColumns:
             blocks.append(RunBlock(start, end, cols[:n_used], slice(0, n_used), block[:, :n_used]))
         else:
             blocks.append(RunBlock(start, end, cols.index_select(0, used), used, block.index_select(1, used)))
-    ids = torch.cat([b.ids for b in blocks]) if blocks else weights.new_zeros(0, dtype=torch.int64)
-    return RunColumns(ids, blocks, weights.shape[1])
+    return _run_columns_of(blocks, weights)
 
 
 def all_columns(r: Runs, weights: torch.Tensor) -> RunColumns:
@@ -210,6 +209,11 @@ def all_columns(r: Runs, weights: torch.Tensor) -> RunColumns:
     to a product; for results where a zero-weight column may appear, e.g. a dense gradient)."""
     blocks = [RunBlock(start, end, cols, slice(0, cols.shape[0]), weights[start:end, :cols.shape[0]])
               for start, end, cols in zip(r.bounds, r.bounds[1:], r.cols)]
+    return _run_columns_of(blocks, weights)
+
+
+def _run_columns_of(blocks: list, weights: torch.Tensor) -> RunColumns:
+    """RunColumns of these blocks of `weights` (n_rows, j): their ids in order."""
     ids = torch.cat([b.ids for b in blocks]) if blocks else weights.new_zeros(0, dtype=torch.int64)
     return RunColumns(ids, blocks, weights.shape[1])
 
