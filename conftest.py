@@ -55,6 +55,27 @@ def _dtype_supported(request):
         assert dtype in backend.dtypes, f"backend {backend.name} must support {dtype}"
 
 
+# -- in CI nothing skips ---------------------------------------------------------------------------
+# Outside CI a test whose backend or tool is missing skips (`pytest.importorskip`, `pytest.skip`).
+# In CI ($CI set: `.ci/run` sets it) everything is installed, so such a skip is a FAILURE, at
+# collection (a module-level importorskip) as in a test; an xfail stays an xfail.
+def _failed_in_ci(report) -> None:
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every backend and tool must be installed: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    _failed_in_ci((yield).get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    _failed_in_ci((yield).get_result())
+
+
 # -- the whole suite on every CPU (pytest-xdist) --------------------------------------------------
 # `pytest` with no paths (the README's command, CI) runs one worker per CPU this process may use
 # (os.sched_getaffinity: a `taskset` or a container's cpuset counts), a whole file per worker

@@ -261,6 +261,29 @@ def test_evaluate_counts_tokens_latents_and_experts():
     assert result.fvu == pytest.approx(expected_fvu, rel=1e-5)
 
 
+def test_evaluate_never_takes_a_one_row_batch():
+    """601 rows in batches of 300 would leave one row for last, whose variance is 0; the second
+    batch hands its last row on, so the batches are 300, 299 and 2 rows, all finite."""
+    sae = SwitchSAE.init(CFG, seed=3, backend=NUMPY)
+    x = sparse_data(1000)[:601]
+    with np.errstate(all="raise"):
+        result = evaluate(sae, ArraySource(sparse_data(1000), 300, shuffle=False), max_tokens=601)
+    out = sae.forward(x)
+    parts = [(0, 300), (300, 599), (599, 601)]
+    expected = sum((b - a) * float(np.sum((x[a:b] - out.x_hat[a:b]) ** 2) /
+                                   np.sum((x[a:b] - x[a:b].mean(0)) ** 2)) for a, b in parts) / 601
+    assert result.tokens == 601 and np.isfinite(result.fvu)
+    assert result.fvu == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows, max_tokens, error, message", [
+    (1, None, DataError, "cannot evaluate on 1 token"), (64, 1, ConfigError, "max_tokens must be an integer >= 2")])
+def test_evaluate_refuses_fewer_than_two_tokens(rows, max_tokens, error, message):
+    sae = SwitchSAE.init(CFG, seed=3, backend=NUMPY)
+    with pytest.raises(error, match=message):
+        evaluate(sae, ArraySource(sparse_data(64)[:rows], rows), max_tokens)
+
+
 def test_density_histogram_bins_log_frequency_and_counts_the_never_fired():
     freq = np.array([0.0, 0.0, 1e-3, 2e-3, 0.05, 0.5])
     edges, counts, dead = density_histogram(freq)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from switchsae.training.run_dir import check_new_run_dir
 from switchsae.validation import (OneLineParser, check_model_dir, check_output_dir, finite_float,
-                                  nonnegative_int, positive_int)
+                                  int_at_least, nonnegative_int, positive_int)
 
 # Sizes and bookkeeping of `switchsae train` with no arguments (N = 8, k = 32, M = 8 * d_in).
 # The losses, learning rate, warm-up and dead-latent window are the library's defaults
@@ -163,8 +163,8 @@ def _train_parser(sub) -> None:
     o.add_argument("--log-every", type=positive_int, help=f"steps between metric lines (default {d['log_every']})")
     o.add_argument("--checkpoint-every", type=positive_int,
                    help=f"steps between checkpoints (default {d['checkpoint_every']})")
-    o.add_argument("--eval-tokens", type=positive_int,
-                   help=f"tokens for the final evaluation (default {d['eval_tokens']})")
+    o.add_argument("--eval-tokens", type=int_at_least(2),
+                   help=f"tokens for the final evaluation, at least 2 (default {d['eval_tokens']})")
     o.add_argument("--wandb", metavar="PROJECT",
                    help="also log the metrics to this Weights & Biases project (WANDB_MODE=offline works)")
     p.set_defaults(handler=cmd_train)

@@ -55,18 +55,26 @@ class EvalResult:
 
 
 def evaluate(sae, source, max_tokens: int | None = None) -> EvalResult:
-    """Run `sae` over one epoch of `source` (at most `max_tokens` rows) without training."""
+    """Run `sae` over one epoch of `source` (at most `max_tokens` rows, at least 2: FVU needs a
+    variance) without training.  No batch is a single row: a batch that would leave one row
+    for last hands its own last row on to it."""
     be, cfg = sae.backend, sae.cfg
     xp = be.xp
     if max_tokens is not None:
-        check_int("max_tokens", max_tokens, 1)
+        check_int("max_tokens", max_tokens, 2)
     total = source.n_rows if max_tokens is None else min(max_tokens, source.n_rows)
+    if total < 2:
+        raise DataError(f"cannot evaluate on {total} token(s): FVU needs at least 2 (a variance)")
     seen, sums = 0, {"fvu": 0.0, "nmse": 0.0, "l0": 0.0}
     counter = be.asarray(np.zeros(cfg.total_latents, dtype=np.float32))
     fires = be.asarray(np.zeros(cfg.total_latents, dtype=np.float32))
     load = np.zeros(cfg.n_experts)
+    carried = None  # the row a batch handed on
     while seen < total:
-        batch = source.next_batch()[: total - seen]
+        batch = source.next_batch()
+        batch = (batch if carried is None else np.concatenate([carried, batch]))[: total - seen]
+        carried = batch[-1:] if total - seen - len(batch) == 1 else None
+        batch = batch if carried is None else batch[:-1]
         _check_batch(batch, seen)
         x = be.asarray(batch, "float32")
         out = sae.forward(x)
