@@ -75,9 +75,9 @@ def _one_line_error(err: str, command: str) -> str:
     (lambda t: (_shards(t / "d"), _shards(t / "e", _acts(d=16))), ["--data", "{t}/d", "--eval-data", "{t}/e"],
      "activation width d_in=16 does not match expected_d_in=24"),
     (lambda t: _shards(t / "d"), ["--data", "{t}/d", "--eval-tokens", "-5"],
-     "argument --eval-tokens: must be an integer >= 1, got -5"),
-    (lambda t: _shards(t / "d"), ["--data", "{t}/d", "--eval-tokens", "0"],
-     "argument --eval-tokens: must be an integer >= 1, got 0"),
+     "argument --eval-tokens: must be an integer >= 2, got -5"),
+    (lambda t: _shards(t / "d"), ["--data", "{t}/d", "--eval-tokens", "1"],
+     "argument --eval-tokens: must be an integer >= 2, got 1"),
     (lambda t: _shards(t / "d"), ["--data", "{t}/d", "--lr", "nan"], "argument --lr: must be a finite number"),
     (lambda t: _shards(t / "d"), ["--data", "{t}/d", "--steps", "x"], "argument --steps: expected an integer"),
     (lambda t: ((t / "c.txt").write_text("hello"), _model_dir_with_only_config(t)),
@@ -131,8 +131,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "{run}", "{d}", "--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1, got 0"),
-    (["eval", "{run}", "{d}", "--max-tokens", "-1"], "argument --max-tokens: must be an integer >= 1, got -1"),
+    (["eval", "{run}", "{d}", "--max-tokens", "1"], "argument --max-tokens: must be an integer >= 2, got 1"),
+    (["eval", "{run}", "{d}", "--max-tokens", "-1"], "argument --max-tokens: must be an integer >= 2, got -1"),
     (["eval", "{run}", "{nan}"], "the activations hold NaN/inf (row 7, column 0)"),
     (["eval", "{run}", "{const}"], "the activations are constant"),
     (["harvest", "{t}/h", "--text", "{utf}", "--max-tokens", "0"], "argument --max-tokens: must be an integer >= 1"),

@@ -181,7 +181,8 @@ def _eval_parser(sub) -> None:
     _add_backend(p)
     _add_text_source(p, with_data=False)
     p.add_argument("--dtype", help="load the model in this dtype (e.g. float32 for a bfloat16 model on numpy)")
-    p.add_argument("--max-tokens", type=positive_int, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--max-tokens", type=int_at_least(2),
+                   help="evaluate at most this many tokens, at least 2: FVU needs a variance (default: all)")
     p.add_argument("--harvest-batch-size", type=positive_int, default=32, metavar="B",
                    help="windows per model forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
